@@ -1,0 +1,5 @@
+import sys
+
+from raylane.cli import main
+
+sys.exit(main())

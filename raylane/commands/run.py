@@ -1,0 +1,27 @@
+"""raylane run SPEC: run a spec on a local Ray cluster (or --address)."""
+
+from __future__ import annotations
+
+from raylane.commands._common import add_address, add_json
+from raylane.output import json_stdout
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a spec: train, fine-tune, batch, serve or agent")
+    p.add_argument("spec", help="path to the spec YAML")
+    add_address(p)
+    add_json(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from runtime.run import run, runner_for
+    from runtime.specs import load_spec
+
+    spec = load_spec(args.spec)
+    runner_for(spec.kind)  # fail before starting Ray if this shape cannot run here
+    with json_stdout(args.json) as emit:
+        result = run(spec, address=args.address)
+        emit(result)
+        ok = getattr(result, "ok", True)
+    return 0 if ok else 1

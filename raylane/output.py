@@ -1,0 +1,41 @@
+"""CLI output: one JSON object on stdout with ``--json``; everything else on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Any, Iterator
+
+
+def to_jsonable(result: Any) -> Any:
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if hasattr(result, "model_dump"):
+        return result.model_dump(mode="json")
+    return result
+
+
+@contextlib.contextmanager
+def json_stdout(enabled: bool) -> Iterator[callable]:
+    """Route fd 1 to stderr while the command runs, so Ray's and vLLM's prints (even from
+    child processes) cannot corrupt the JSON; yields ``emit(obj)`` that writes the real stdout."""
+    if not enabled:
+        yield lambda obj: print(json.dumps(to_jsonable(obj), indent=2, default=str))
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(os.dup(saved), "w")
+    try:
+        yield lambda obj: (out.write(json.dumps(to_jsonable(obj), default=str) + "\n"), out.flush())
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        out.close()
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,55 @@
+"""Shared fixtures. Tiers: unit (no Ray), integration (local Ray), end-to-end (``slow``: real vLLM,
+Ray Train, Ray Serve on the tiny model). Everything runs in CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+# No hub here (nor on air-gapped clusters); the tiny model is written locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def storage_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("storage")
+    os.environ["RAYLANE_STORAGE_ROOT"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The embedded tiny Llama, written once per test session."""
+    from runtime.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster (4 logical CPUs) shared by the integration tests of a session."""
+    from runtime.ray_env import init_ray, shutdown_ray
+
+    info = init_ray(None)
+    yield info
+    shutdown_ray()
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
+    """Run the real ``raylane`` CLI in a subprocess (what users and cron jobs do)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "raylane", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT,
+    )
