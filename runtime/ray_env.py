@@ -83,11 +83,13 @@ def init_ray(
     target = resolve_address(address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict = {"namespace": namespace, "log_to_driver": True}
+    object_store_mb = int(os.environ.get("RAYLANE_OBJECT_STORE_MB", "1024"))
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
     if target is None:
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
-        kwargs.update(address="local", num_cpus=cpus)
+        # A small object store by default: a laptop shares its memory with vLLM and Ray Train.
+        kwargs.update(address="local", num_cpus=cpus, object_store_memory=object_store_mb * 2**20)
         if include_dashboard is not None:
             kwargs["include_dashboard"] = include_dashboard
     else:
