@@ -38,7 +38,10 @@ def _generate(model: str, prompts: list[str], max_tokens: int, max_model_len: in
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=model, max_model_len=max_model_len, seed=seed, enforce_eager=device == "cpu")
+    # "uni": the model runs in the engine-core process (no extra worker process and shm queue),
+    # which is all a single-device engine needs.
+    llm = LLM(model=model, max_model_len=max_model_len, seed=seed, enforce_eager=device == "cpu",
+              distributed_executor_backend="uni")
     t1 = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     t2 = time.perf_counter()
