@@ -65,3 +65,32 @@ class PlacementTimeout(RaylaneError):
     """A gang placement group could not be scheduled in time."""
 
     exit_code = 4
+
+
+class TrainingDiverged(RaylaneError):
+    """A training guard tripped (NaN/inf loss, exploding gradient norm); the last good checkpoint is kept."""
+
+    exit_code = 5
+
+
+class ManifestInvalid(RaylaneError):
+    """A rendered KubeRay manifest that the CRD schema or KubeRay's own rules would reject."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: list[str], hint: str | None = None):
+        self.problems = list(problems)
+        super().__init__("\n".join([message, *[f"  - {p}" for p in self.problems]]),
+                         hint or "fix the spec fields named above, then `raylane render SPEC` again")
+
+
+class KubernetesError(RaylaneError):
+    """The Kubernetes API server refused a request (shown as the server said it)."""
+
+    exit_code = 6
+
+
+class BatchEngineError(RaylaneError):
+    """A batch run's engine stage failed; committed shards are kept and a rerun resumes."""
+
+    exit_code = 1

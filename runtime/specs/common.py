@@ -67,6 +67,82 @@ class Queue(StrictModel):
     name: str = Field(min_length=1, description="Queue name (Kueue LocalQueue, Volcano or YuniKorn queue).")
 
 
+class DeletionRule(StrictModel):
+    """One KubeRay ``deletionStrategy.deletionRules`` entry (replaces shutdownAfterJobFinishes + TTL)."""
+
+    job_status: Literal["SUCCEEDED", "FAILED"] = Field(description="Job outcome the rule applies to.")
+    policy: Literal["DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"] = Field(
+        description="What KubeRay deletes when the rule fires."
+    )
+    ttl_seconds: int = Field(0, ge=0, description="Seconds after the job finished before the rule fires.")
+
+
+class WeightsCache(StrictModel):
+    """Model weights staged once onto a shared PVC and mounted read-only (never baked into images)."""
+
+    enabled: bool = Field(True, description="Stage the spec's model onto the PVC and point the run at it.")
+    claim_name: str = Field("raylane-weights", description="PersistentVolumeClaim holding every staged model.")
+    size_gb: int = Field(100, ge=1, description="PVC size when raylane creates it.")
+    storage_class: str | None = Field(None, description="StorageClass of the PVC; None = the cluster default.")
+    mount_path: str = Field("/mnt/weights", description="Where the PVC is mounted (read-only) in Ray pods.")
+    stage: Literal["job", "init-container"] = Field(
+        "job", description="Who copies the weights: a one-off Kubernetes Job, or an init container of the head pod."
+    )
+
+
+class KubernetesSpec(StrictModel):
+    """How the spec runs on Kubernetes through KubeRay (``raylane render`` / ``raylane apply``)."""
+
+    namespace: str | None = Field(None, description="Namespace; None = the kubeconfig context's (else 'default').")
+    image: str = Field(
+        "rayproject/ray-llm:2.60.0-py311-cu128",
+        description="Container image for every Ray pod; it must contain raylane's dependencies (not the weights).",
+    )
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent", description="Pull policy.")
+    service_account: str | None = Field(None, description="ServiceAccount for the Ray pods; None = namespace default.")
+    working_dir: str | None = Field(
+        None,
+        description="Remote zip of the project (s3://, gs://, https://) used as the Ray runtime_env working_dir; "
+        "None = the code is in the image.",
+    )
+    submission_mode: Literal["K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode"] = Field(
+        "K8sJobMode", description="How KubeRay submits the RayJob's entrypoint."
+    )
+    shutdown_after_job_finishes: bool = Field(True, description="Delete the RayJob's cluster when the job ends.")
+    ttl_seconds_after_finished: int = Field(600, ge=0, description="Seconds to keep the finished cluster (needs shutdown).")
+    backoff_limit: int = Field(0, ge=0, description="RayJob retries after a failure.")
+    active_deadline_seconds: int | None = Field(None, gt=0, description="Kill the RayJob after this many seconds.")
+    deletion_rules: list[DeletionRule] | None = Field(
+        None, description="KubeRay deletionRules (instead of shutdown_after_job_finishes and the TTL)."
+    )
+    suspend: bool | None = Field(None, description="Create the RayJob suspended; None = yes with a Kueue queue.")
+    cluster_selector: str | None = Field(
+        None, description="Run the RayJob on this existing RayCluster instead of creating one."
+    )
+    head_cpus: float = Field(2.0, gt=0, description="CPUs of the head pod (it runs no workload tasks).")
+    head_memory_gb: float = Field(8.0, gt=0, description="Memory of the head pod.")
+    min_replicas: int | None = Field(None, ge=0, description="Worker pods at least; None = from the shape.")
+    max_replicas: int | None = Field(None, ge=1, description="Worker pods at most; None = from the shape.")
+    cpu_group_max_replicas: int = Field(
+        2, ge=0, description="Max pods of the CPU worker group that sits beside a GPU group (Ray Data, ingress)."
+    )
+    autoscaling: bool = Field(True, description="KubeRay in-tree autoscaling between min and max replicas.")
+    idle_timeout_seconds: int = Field(60, ge=0, description="Idle seconds before the autoscaler removes a worker.")
+    accelerator_label: str = Field(
+        "nvidia.com/gpu.product",
+        description="Node label matched against resources.accelerator_type for GPU pods.",
+    )
+    upgrade_strategy: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = Field(
+        "NewCluster", description="RayService upgradeStrategy.type."
+    )
+    time_zone: str | None = Field(None, description="Time zone of a RayCronJob schedule, e.g. 'Etc/UTC'.")
+    weights: WeightsCache = Field(default_factory=WeightsCache, description="Read-only model weight cache.")
+    env_secret: str | None = Field(
+        None, description="Secret whose keys become env vars of every pod (API keys, HF_TOKEN, S3 credentials)."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every rendered object.")
+
+
 class SpecBase(StrictModel):
     """Identity and placement shared by every shape."""
 
@@ -82,6 +158,9 @@ class SpecBase(StrictModel):
     queue: Queue | None = Field(None, description="Kubernetes queue (Kueue, Volcano, YuniKorn); None = no queue.")
     priority: str | None = Field(
         None, description="Kubernetes PriorityClass name (also the Kueue workload priority class)."
+    )
+    kubernetes: KubernetesSpec = Field(
+        default_factory=KubernetesSpec, description="KubeRay rendering: image, namespace, cluster shape, cache."
     )
 
     @field_validator("name")

@@ -1,0 +1,217 @@
+"""``raylane submit`` for real: a ``ray start --head`` cluster of its own (own temp dir, free ports,
+token auth on as Ray 2.60 sets it), one job that succeeds and one that fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_of_session(temp_dir: str) -> set[int]:
+    """Processes of this cluster only: their command line names our temp dir (plus their children)."""
+    procs: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(entry.name)] = (ppid, cmd)
+    ours = {pid for pid, (_, cmd) in procs.items() if temp_dir in cmd}
+    grew = True
+    while grew:
+        kids = {pid for pid, (ppid, _) in procs.items() if ppid in ours} - ours
+        ours |= kids
+        grew = bool(kids)
+    return ours
+
+
+def _stop(temp_dir: str) -> None:
+    pids = _pids_of_session(temp_dir)
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.5)
+        pids = {p for p in pids if Path(f"/proc/{p}").exists()}
+        if not pids:
+            return
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp_dir = str(tmp_path_factory.mktemp("rayhead"))
+    dash = _free_port()
+    ports = {
+        flag: _free_port()
+        for flag in (
+            "--port",
+            "--ray-client-server-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        )
+    }
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        temp_dir,
+        "--dashboard-port",
+        str(dash),
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+        "--object-store-memory",
+        str(256 * 2**20),
+    ]
+    for flag, port in ports.items():
+        cmd += [flag, str(port)]
+    # The job driver runs `python -m jobs...` from PATH: the project's venv, as on a real head image.
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        _stop(temp_dir)
+
+
+def _train_spec(tmp_path: Path, name: str, data: str) -> Path:
+    spec = {
+        "kind": "Training",
+        "name": name,
+        "data": {"path": data, "max_seq_len": 32},
+        "train": {"steps": 4, "batch_size": 2, "checkpoint_every_n_steps": 2},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "storage": {"root": str(tmp_path / "storage")},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_submit_success_and_failure(ray_head, tmp_path):
+    # Succeeds: a real Ray Train run; the relative data path resolves inside the uploaded project.
+    ok = run_cli(
+        "submit",
+        str(_train_spec(tmp_path, "submit-ok", "examples/data/train.jsonl")),
+        "--address",
+        ray_head,
+        "--json",
+        timeout=600,
+    )
+    assert ok.returncode == 0, ok.stderr[-4000:]
+    result = json.loads(ok.stdout)
+    assert result["status"] == "SUCCEEDED" and result["ok"] is True
+    assert result["entrypoint"] == "python -m jobs.train --spec raylane-spec-submit-ok.yaml"
+    assert "Running entrypoint for job" in ok.stderr  # the job's own log lines were followed
+    assert any((tmp_path / "storage").rglob("*")), "the job wrote nothing under its storage root"
+
+    # Fails: the data file does not exist; the exit code and status say so, the logs show why.
+    bad = run_cli(
+        "submit",
+        str(_train_spec(tmp_path, "submit-bad", "examples/data/missing.jsonl")),
+        "--address",
+        ray_head,
+        "--json",
+        timeout=600,
+    )
+    assert bad.returncode == 1, bad.stderr[-4000:]
+    result = json.loads(bad.stdout)
+    assert result["status"] == "FAILED" and result["ok"] is False
+    assert "missing.jsonl" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_submit_without_token_is_a_clear_error(ray_head, tmp_path):
+    env = {
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"),
+        "RAY_AUTH_TOKEN": "",
+        "HOME": str(tmp_path),
+    }
+    r = run_cli(
+        "submit",
+        str(_train_spec(tmp_path, "no-token", "examples/data/train.jsonl")),
+        "--address",
+        ray_head,
+        env=env,
+        timeout=240,
+    )
+    assert r.returncode == 1
+    assert "error: the Ray cluster at" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_working_dir_leaves_venv_git_and_large_files_behind(tmp_path):
+    from runtime.submit import ALWAYS_EXCLUDED, _compose_working_dir
+
+    project = tmp_path / "proj"
+    (project / "jobs").mkdir(parents=True)
+    (project / "jobs" / "x.py").write_text("print(1)\n")
+    (project / ".venv" / "lib").mkdir(parents=True)
+    (project / ".git").mkdir()
+    (project / "data").mkdir()
+    (project / "data" / "big.bin").write_bytes(b"\0" * 2_000_000)
+    (project / "data" / "small.txt").write_text("ok")
+    large = _compose_working_dir(project, tmp_path / "wd", max_file_mb=1)
+    assert large == ["data/big.bin"]
+    assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["data", "jobs"]
+    assert ".venv" in ALWAYS_EXCLUDED and ".git" in ALWAYS_EXCLUDED
+
+
+def test_submit_needs_an_address(tmp_path, monkeypatch):
+    from runtime.errors import UsageError
+    from runtime.submit import dashboard_url
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(UsageError, match="no Ray cluster to submit to"):
+        dashboard_url(None)
+    assert dashboard_url("10.0.0.5:8265") == "http://10.0.0.5:8265"
+    with pytest.raises(UsageError, match="Ray Client address"):
+        dashboard_url("ray://10.0.0.5:10001")
+
+
+def test_services_are_not_jobs():
+    from runtime.errors import RaylaneError
+    from runtime.submit import job_module
+
+    with pytest.raises(RaylaneError, match="not Ray jobs") as e:
+        job_module("OnlineInference")
+    assert "raylane apply" in e.value.hint
