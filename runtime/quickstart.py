@@ -64,22 +64,31 @@ STAGES: list[tuple[str, str, Callable[[QuickstartContext], dict]]] = [
 ]
 
 
-def quickstart(workdir: str | Path = ".raylane/quickstart", address: str | None = None) -> QuickstartResult:
+Stage = tuple[str, str, Callable[[QuickstartContext], dict]]
+
+
+def quickstart(
+    workdir: str | Path = ".raylane/quickstart",
+    address: str | None = None,
+    extra_stages: list[Stage] | None = None,
+) -> QuickstartResult:
+    """Run every stage; ``extra_stages`` (e.g. the CLI's KubeRay render) run after the built-in ones."""
     from runtime.ray_env import ray_session
 
+    stages = STAGES + list(extra_stages or [])
     t0 = time.perf_counter()
     ctx = QuickstartContext(workdir=Path(workdir).expanduser().resolve())
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
     with ray_session(address) as info:
         _log(f"Ray at {info.address} ({info.num_cpus:g} CPUs, {info.num_gpus:g} GPUs); work dir {ctx.workdir}")
-        for i, (name, what, fn) in enumerate(STAGES, 1):
-            _log(f"[{i}/{len(STAGES)}] {name}: {what} ...")
+        for i, (name, what, fn) in enumerate(stages, 1):
+            _log(f"[{i}/{len(stages)}] {name}: {what} ...")
             s = time.perf_counter()
             details = fn(ctx)
             secs = round(time.perf_counter() - s, 2)
             ctx.results[name] = details
             done.append({"stage": name, "seconds": secs, **details})
-            _log(f"[{i}/{len(STAGES)}] {name}: done in {secs:g} s")
+            _log(f"[{i}/{len(stages)}] {name}: done in {secs:g} s")
         address_used = info.address
     return QuickstartResult(str(ctx.workdir), address_used, done, round(time.perf_counter() - t0, 2))

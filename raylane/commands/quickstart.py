@@ -15,10 +15,13 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
+    from cluster.render import quickstart_stage as render_stage
     from runtime.quickstart import quickstart
 
+    # The KubeRay stage lives in cluster/ (runtime/ never imports it), so the CLI adds it.
+    extra = [("kuberay", "render every example spec to KubeRay manifests (CRD-checked)", render_stage)]
     with json_stdout(args.json) as emit:
-        r = quickstart(args.workdir, address=args.address)
+        r = quickstart(args.workdir, address=args.address, extra_stages=extra)
         if args.json:
             emit(r)
         else:

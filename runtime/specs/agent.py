@@ -1,65 +1,174 @@
-"""Spec for ``Agent``: tool-using sessions on Ray actors behind a Serve ingress."""
+"""Spec for ``Agent``: tool-using sessions on Ray actors behind a Serve ingress.
+
+>>> from runtime.specs import parse_spec
+>>> spec = parse_spec({"kind": "Agent", "name": "helper",
+...     "tools": [{"name": "calculator", "import_path": "runtime.agents.tools:calculator"}]})
+>>> spec.budgets.max_steps
+16
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from runtime.specs.common import SpecBase, StrictModel
 
+TOOL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
 
 class AgentLLM(StrictModel):
-    model: str | None = Field("tiny", description="Model served beside the agent (folder, 'tiny', models:/...).")
-    url: str | None = Field(None, description="Any OpenAI-compatible base URL instead of a co-located model.")
-    max_tokens: int = Field(128, ge=1)
+    """The model the agent thinks with: served beside it, or any OpenAI-compatible endpoint."""
+
+    model: str | None = Field(
+        "tiny", description="Model served beside the agent (folder, 'tiny', models:/NAME@ALIAS); ignored with url."
+    )
+    url: str | None = Field(
+        None, description="Base URL of any OpenAI-compatible server (e.g. http://host:8000/v1) instead of a co-located model."
+    )
+    model_id: str | None = Field(
+        None, description="Model name sent in requests; default: the served model's id ('<spec name>-llm' when co-located)."
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the bearer key for url (e.g. OPENAI_API_KEY); None = no key."
+    )
+    max_tokens: int = Field(256, ge=32, description="Completion token cap per LLM call.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature per LLM call.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one LLM call.")
+    guided_json: bool = Field(
+        True,
+        description="Constrain every reply to the action JSON schema with vLLM structured outputs "
+        "(so even a random model emits schema-valid calls). Off = free text, parsed as JSON.",
+    )
+    tool_choice: Literal["auto", "required"] = Field(
+        "auto", description="'required': the first step of every message must call a tool; 'auto': the model decides."
+    )
+    max_tool_rounds: int = Field(
+        4, ge=0, description="Tool steps per user message; after that the schema only allows a final answer."
+    )
+    max_answer_chars: int = Field(
+        2000, ge=1, description="Longest final answer the schema allows (also capped at (max_tokens - 16) / 4 when guided)."
+    )
+    max_model_len: int = Field(2048, ge=64, description="Context length of the co-located engine.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to vLLM as is for the co-located model."
+    )
 
     @model_validator(mode="after")
     def _one(self):
         if self.url:
             self.model = None
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
         if not self.model and not self.url:
             raise ValueError("set model (served beside the agent) or url (an OpenAI-compatible endpoint)")
         return self
 
 
 class ToolSpec(StrictModel):
-    name: str = Field(min_length=1)
-    import_path: str = Field(description="module:function implementing the tool.")
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(1, ge=0)
-    max_concurrency: int = Field(4, ge=1)
-    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments.")
+    """A Python function the agent may call; runs as a Ray task with a timeout and retries."""
+
+    name: str = Field(description="Name the model uses to call the tool (letters, digits, '_' and '-').")
+    import_path: str = Field(description="module:function implementing the tool; takes the arguments as keywords.")
+    description: str | None = Field(None, description="What the tool does (shown to the model); default: its docstring.")
+    timeout_s: float = Field(10.0, gt=0, description="Seconds one attempt may take before it is cancelled.")
+    retries: int = Field(1, ge=0, description="Extra attempts after a failure or timeout.")
+    max_concurrency: int = Field(4, ge=1, description="Calls of this tool running at once across all sessions.")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs one call reserves (0: I/O-bound tools).")
+    parameters: dict[str, Any] | None = Field(
+        None, description="JSON schema of the arguments; default: the function's own PARAMETERS attribute."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TOOL_NAME_RE.match(v):
+            raise ValueError("must start with a letter or '_' and contain only letters, digits, '_' and '-'")
+        if v in ("retrieve",):
+            raise ValueError(f"{v!r} is reserved for the retrieval tool (configure it under retrieval:)")
+        return v
+
+    @field_validator("import_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not IMPORT_PATH_RE.match(v):
+            raise ValueError(f"must be 'module:function', e.g. 'runtime.agents.tools:calculator' (got {v!r})")
+        return v
 
 
 class RetrievalSpec(StrictModel):
-    corpus: str = Field(description="Documents to index (jsonl/parquet with a text column).")
-    index: str | None = Field(None, description="Index location; default under the storage root.")
-    text_column: str = "text"
-    top_k: int = Field(3, ge=1)
+    """Documents the agent can search: indexed by a Ray Data job, queried by the 'retrieve' tool."""
+
+    corpus: str = Field(description="Documents to index: a .jsonl/.parquet file or folder with a text column, or 'sample'.")
+    index: str | None = Field(None, description="Index location; default <storage root>/runs/<name>/index.")
+    text_column: str = Field("text", description="Column holding the document text.")
+    chunk_chars: int = Field(400, ge=32, description="Characters per chunk.")
+    chunk_overlap: int = Field(50, ge=0, description="Characters shared by neighbouring chunks.")
+    dim: int = Field(256, ge=16, le=8192, description="Embedding dimension of the hashed n-gram embedding.")
+    top_k: int = Field(3, ge=1, description="Chunks returned per query.")
+    min_score: float = Field(0.05, ge=-1, le=1, description="Cosine score below which a chunk is not a match.")
+    rebuild: bool = Field(False, description="Rebuild the index even if one exists.")
+
+    @model_validator(mode="after")
+    def _overlap(self):
+        if self.chunk_overlap >= self.chunk_chars:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_chars ({self.chunk_chars})")
+        return self
 
 
 class BudgetSpec(StrictModel):
-    max_steps: int = Field(8, ge=1)
-    max_tokens: int = Field(4096, ge=1)
-    max_wall_s: float = Field(120.0, gt=0)
-    max_tool_failures: int = Field(3, ge=0)
+    """Limits per session; the first one breached ends the session with its name as the reason."""
+
+    max_steps: int = Field(16, ge=1, description="LLM steps (each LLM call is one step, its tool call included).")
+    max_tokens: int = Field(8192, ge=1, description="Prompt + completion tokens over all LLM calls.")
+    max_wall_s: float = Field(300.0, gt=0, description="Seconds spent working on the session's messages.")
+    max_tool_failures: int = Field(3, ge=0, description="Failed tool calls (errors, timeouts, invalid calls) tolerated.")
+    max_invalid_calls: int = Field(
+        2, ge=0, description="Malformed or schema-invalid model replies in a row fed back for a retry."
+    )
 
 
 class SessionStoreSpec(StrictModel):
-    backend: Literal["sqlite", "redis"] = "sqlite"
-    url: str | None = Field(None, description="sqlite path or redis://host:port/db; default under storage root.")
+    """Where sessions persist after every step, so a killed actor or replica loses nothing."""
+
+    backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite (one file) or redis (shared server).")
+    url: str | None = Field(
+        None, description="SQLite file path or redis://host:port/db; default <storage root>/runs/<name>/sessions.db."
+    )
+
+    @model_validator(mode="after")
+    def _url(self):
+        if self.backend == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("backend redis needs url: redis://HOST:PORT/DB")
+        return self
 
 
 class AgentSpec(SpecBase):
     """An agent served over HTTP (``kind: Agent``)."""
 
     kind: Literal["Agent"] = "Agent"
-    llm: AgentLLM = Field(default_factory=AgentLLM)
-    system_prompt: str = "You are a helpful assistant. Use tools when they help."
-    tools: list[ToolSpec] = Field(default_factory=list)
-    retrieval: RetrievalSpec | None = None
-    budgets: BudgetSpec = Field(default_factory=BudgetSpec)
-    sessions: SessionStoreSpec = Field(default_factory=SessionStoreSpec)
-    auth: Literal["api-key", "none"] = "api-key"
-    port: int = Field(8000, ge=1, le=65535)
+    llm: AgentLLM = Field(default_factory=AgentLLM, description="The model the agent calls.")
+    system_prompt: str = Field(
+        "You are a helpful assistant. Use tools when they help.", description="First message of every session."
+    )
+    tools: list[ToolSpec] = Field(default_factory=list, description="Tools the model may call.")
+    retrieval: RetrievalSpec | None = Field(None, description="Document search exposed as the 'retrieve' tool.")
+    budgets: BudgetSpec = Field(default_factory=BudgetSpec, description="Per-session limits.")
+    sessions: SessionStoreSpec = Field(default_factory=SessionStoreSpec, description="Durable session store.")
+    session_workers: int = Field(2, ge=1, description="Session actors; sessions are routed to one by id.")
+    auth: Literal["api-key", "none"] = Field(
+        "api-key", description="api-key: require a key from RAYLANE_API_KEYS (comma-separated); none: open."
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy for `raylane run`.")
+    route_prefix: str = Field("/", description="Route prefix of the agent app.")
+
+    @model_validator(mode="after")
+    def _unique_tools(self):
+        names = [t.name for t in self.tools]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tool names must be unique; repeated: {', '.join(dup)}")
+        return self

@@ -1,0 +1,352 @@
+"""The agent loop for one session turn: prompt, LLM call, parse, tool, observe, repeat.
+
+>>> loop = AgentLoop(config, llm=OpenAIClient(url), run_tool=runner.call, store=SQLiteStore(db))  # doctest: +SKIP
+>>> reply = await loop.send(new_session("s1", config), "What is 2+2?")                          # doctest: +SKIP
+>>> reply["reply"], reply["status"], [s["action"] for s in reply["steps"]]                       # doctest: +SKIP
+
+A session is one JSON-able dict (messages, steps, usage, errors) that is saved after every step.
+The loop holds no other state, so any actor that loads the dict can continue the session.
+Every failure inside a step (invalid call, tool error or timeout, empty retrieval, LLM error)
+becomes a step record, an error count and, where the model can act on it, a message to the
+model. Budgets are checked before every step; the first one spent ends the session.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.agents.llm import LLMClient, LLMError
+from runtime.agents.store import SessionStore
+from runtime.agents.telemetry import AgentMetrics, tracer
+from runtime.agents.tools import Tool
+
+RunTool = Callable[[str, dict], Awaitable[dict]]
+
+
+@dataclass
+class AgentConfig:
+    """What the loop needs from an ``AgentSpec`` (plain data: it is shipped to actors)."""
+
+    app: str
+    system_prompt: str
+    tools: list[Tool]
+    budgets: dict[str, float]
+    max_tokens: int = 128
+    temperature: float = 0.0
+    timeout_s: float = 60.0
+    guided_json: bool = True
+    tool_choice: str = "auto"
+    max_tool_rounds: int = 4
+    max_answer_chars: int = 400
+    tools_by_name: dict[str, Tool] = field(init=False)
+
+    def __post_init__(self):
+        self.tools_by_name = {t.name: t for t in self.tools}
+
+    @classmethod
+    def from_spec(cls, spec, tools: list[Tool]) -> AgentConfig:
+        llm = spec.llm
+        return cls(spec.name, spec.system_prompt, tools, spec.budgets.model_dump(), llm.max_tokens,
+                   llm.temperature, llm.timeout_s, llm.guided_json, llm.tool_choice, llm.max_tool_rounds,
+                   llm.max_answer_chars)
+
+
+def action_schema(tools: list[Tool], allow_tools: bool, allow_answer: bool, max_answer_chars: int) -> dict:
+    """The JSON schema of one model reply: a call of one of the tools, or a final answer."""
+    options = []
+    if allow_tools:
+        for t in tools:
+            options.append({"type": "object", "properties": {"tool": {"const": t.name}, "arguments": t.parameters},
+                            "required": ["tool", "arguments"], "additionalProperties": False})
+    if allow_answer or not options:
+        options.append({"type": "object", "properties": {"answer": {"type": "string", "minLength": 1,
+                                                                    "maxLength": max_answer_chars}},
+                        "required": ["answer"], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def system_message(config: AgentConfig) -> str:
+    lines = [config.system_prompt.strip(), ""]
+    if config.tools:
+        lines.append("Tools you can call:")
+        for t in config.tools:
+            lines.append(f"- {t.name}: {t.description} Arguments (JSON schema): {json.dumps(t.parameters)}")
+        lines.append('To call a tool reply with exactly {"tool": NAME, "arguments": {...}}.')
+    lines.append('To answer the user reply with exactly {"answer": TEXT}.')
+    return "\n".join(lines)
+
+
+def parse_action(content: str, config: AgentConfig) -> tuple[dict | None, str | None]:
+    """(action, None) for a valid reply, else (None, what is wrong) to show the model."""
+    from jsonschema import Draft202012Validator
+
+    try:
+        # strict=False: xgrammar's JSON grammar lets raw control characters into strings.
+        action = json.loads(content, strict=False)
+    except json.JSONDecodeError as e:
+        return None, f"reply is not valid JSON ({e.msg} at char {e.pos}); reply with one JSON object"
+    if not isinstance(action, dict):
+        return None, "reply must be a JSON object"
+    if "answer" in action and "tool" not in action:
+        if not isinstance(action["answer"], str) or set(action) != {"answer"}:
+            return None, 'a final answer is exactly {"answer": TEXT}'
+        return {"answer": action["answer"]}, None
+    name = action.get("tool")
+    tool = config.tools_by_name.get(name) if isinstance(name, str) else None
+    if tool is None:
+        known = ", ".join(config.tools_by_name) or "none"
+        return None, f"unknown tool {name!r} (tools: {known}); or answer with {{\"answer\": TEXT}}"
+    args = action.get("arguments", {})
+    if not isinstance(args, dict):
+        return None, f"arguments of {name} must be a JSON object"
+    errors = sorted(Draft202012Validator(tool.parameters).iter_errors(args), key=lambda e: list(e.path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].path) or "arguments"
+        return None, f"invalid arguments for {name}: {where}: {errors[0].message}"
+    return {"tool": name, "arguments": args}, None
+
+
+def new_session(session_id: str | None, config: AgentConfig) -> dict[str, Any]:
+    return {
+        "id": session_id or uuid.uuid4().hex,
+        "app": config.app,
+        "created": time.time(),
+        "status": "active",
+        "end_reason": None,
+        "turn": 0,
+        "turn_open": False,
+        "messages": [],
+        "steps": [],
+        "usage": {"steps": 0, "tokens_in": 0, "tokens_out": 0, "tokens": 0, "wall_s": 0.0,
+                  "tool_calls": 0, "tool_failures": 0, "invalid_in_row": 0},
+        "errors": {},
+    }
+
+
+def _budget_breach(session: dict, budgets: dict) -> str | None:
+    u = session["usage"]
+    if u["steps"] >= budgets["max_steps"]:
+        return "max_steps"
+    if u["tokens"] >= budgets["max_tokens"]:
+        return "max_tokens"
+    if u["wall_s"] >= budgets["max_wall_s"]:
+        return "max_wall_s"
+    if u["tool_failures"] > budgets["max_tool_failures"]:
+        return "max_tool_failures"
+    if u["invalid_in_row"] > budgets["max_invalid_calls"]:
+        return "max_invalid_calls"
+    return None
+
+
+def _observation(tool: Tool, out: dict) -> str:
+    if not out["ok"]:
+        return f"[{tool.name} failed after {out['attempts']} attempt(s)] {out['error']}"
+    result = out["result"]
+    if tool.kind == "retrieval":
+        hits = result.get("hits", [])
+        if not hits:
+            return f"[retrieve] no results for {result.get('query')!r}"
+        return "[retrieve]\n" + "\n".join(f"{i}. ({h['id']}, score {h['score']}) {h['text']}" for i, h in enumerate(hits, 1))
+    text = result if isinstance(result, str) else json.dumps(result, default=str)
+    return f"[{tool.name}] {text}"
+
+
+class AgentLoop:
+    """Runs turns of sessions; one instance serves many sessions (it keeps no session state)."""
+
+    def __init__(self, config: AgentConfig, llm: LLMClient, run_tool: RunTool, store: SessionStore,
+                 metrics: AgentMetrics | None = None):
+        self.config = config
+        self.llm = llm
+        self.run_tool = run_tool
+        self.store = store
+        self.metrics = metrics or AgentMetrics(config.app)
+        self._system = system_message(config)
+
+    def prompt(self, session: dict) -> list[dict]:
+        msgs = [{"role": "system", "content": self._system}]
+        for m in session["messages"]:
+            role = m["role"] if m["role"] in ("user", "assistant") else "user"
+            msgs.append({"role": role, "content": m["content"]})
+        return msgs
+
+    async def send(self, session: dict, content: str) -> dict:
+        """Run one user message to its end; returns the reply record."""
+        reply: dict = {}
+        async for event in self.turn(session, content):
+            reply = event
+        return reply
+
+    async def turn(self, session: dict, content: str) -> AsyncIterator[dict]:
+        """Yields each step record as it is saved, then the reply record (``type: reply``)."""
+        cfg = self.config
+        budgets = cfg.budgets
+        if session["status"] != "active":
+            yield self._reply(session, None, [])
+            return
+        session["turn"] += 1
+        session["turn_open"] = True
+        session["messages"].append({"role": "user", "content": content, "turn": session["turn"]})
+        await self._save(session)
+        turn_steps: list[dict] = []
+        answer = None
+        rounds = 0
+        while True:
+            breach = _budget_breach(session, budgets)
+            if breach:
+                self._end(session, breach)
+                break
+            allow_tools = bool(cfg.tools) and rounds < cfg.max_tool_rounds
+            allow_answer = not (cfg.tool_choice == "required" and rounds == 0 and allow_tools)
+            step = await self._step(session, allow_tools, allow_answer)
+            turn_steps.append(step)
+            if step["action"] == "tool":
+                rounds += 1
+            await self._save(session)
+            yield {"type": "step", **step}
+            if step["action"] == "answer":
+                answer = step["answer"]
+                break
+            if step["action"] == "llm_error":
+                # A call cut short by the wall budget ends the session; other LLM errors end the turn.
+                breach = _budget_breach(session, budgets)
+                if breach:
+                    self._end(session, breach)
+                    await self._save(session)
+                break
+        session["turn_open"] = False
+        if session["status"] == "active" and answer is None and turn_steps and turn_steps[-1]["action"] == "llm_error":
+            session["last_error"] = turn_steps[-1]["error"]
+        self.metrics.steps(len(turn_steps))
+        await self._save(session)
+        yield self._reply(session, answer, turn_steps)
+
+    async def _save(self, session: dict) -> None:
+        # On the event loop on purpose: a write is well under a millisecond, and writes from a
+        # thread pool made SQLite writers contend on its lock (busy-wait sleeps under load).
+        self.store.save(session)
+
+    def _reply(self, session: dict, answer: str | None, steps: list[dict]) -> dict:
+        return {"type": "reply", "session_id": session["id"], "turn": session["turn"], "reply": answer,
+                "status": session["status"], "end_reason": session["end_reason"],
+                "error": None if answer is not None or session["status"] != "active" else session.get("last_error"),
+                "steps": steps, "usage": dict(session["usage"])}
+
+    def _end(self, session: dict, reason: str) -> None:
+        session["status"] = "ended"
+        session["end_reason"] = reason
+        self._count_error(session, f"budget:{reason}")
+        self.metrics.breach(reason)
+
+    @staticmethod
+    def _count_error(session: dict, kind: str) -> None:
+        session["errors"][kind] = session["errors"].get(kind, 0) + 1
+
+    async def _step(self, session: dict, allow_tools: bool, allow_answer: bool) -> dict:
+        cfg, u = self.config, session["usage"]
+        t0 = time.perf_counter()
+        step: dict[str, Any] = {"n": u["steps"] + 1, "turn": session["turn"], "started": time.time(),
+                                "action": None, "error": None}
+        with tracer().start_as_current_span("agent.step") as span:
+            ctx = span.get_span_context()
+            step["trace_id"], step["span_id"] = f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+            span.set_attribute("session.id", session["id"])
+            span.set_attribute("step.n", step["n"])
+            llm_s = tool_s = 0.0
+            # A character can take up to 4 byte-level tokens: cap the answer so the JSON always closes.
+            answer_chars = max(1, min(cfg.max_answer_chars, (cfg.max_tokens - 16) // 4))
+            schema = action_schema(cfg.tools, allow_tools, allow_answer, answer_chars) if cfg.guided_json else None
+            remaining_wall = max(0.1, cfg.budgets["max_wall_s"] - u["wall_s"])
+            with tracer().start_as_current_span("agent.llm") as lspan:
+                try:
+                    r = await self.llm.chat(self.prompt(session), schema=schema, max_tokens=cfg.max_tokens,
+                                            temperature=cfg.temperature, timeout_s=min(cfg.timeout_s, remaining_wall))
+                except LLMError as e:
+                    r = None
+                    lspan.set_attribute("error", str(e))
+                    step.update(action="llm_error", error=str(e))
+                    self._count_error(session, "llm_error")
+                if r is not None:
+                    llm_s = r.seconds
+                    lspan.set_attribute("llm.tokens_in", r.tokens_in)
+                    lspan.set_attribute("llm.tokens_out", r.tokens_out)
+                    lspan.set_attribute("llm.latency_s", r.seconds)
+                    u["tokens_in"] += r.tokens_in
+                    u["tokens_out"] += r.tokens_out
+                    u["tokens"] += r.tokens_in + r.tokens_out
+                    step["llm"] = {"tokens_in": r.tokens_in, "tokens_out": r.tokens_out,
+                                   "seconds": round(r.seconds, 4), "finish_reason": r.finish_reason,
+                                   "guided": schema is not None}
+            if r is not None:
+                action, problem = parse_action(r.content, cfg)
+                if problem is None and "answer" in action and not allow_answer:
+                    problem = "a tool call is required here; call one of the tools"
+                if problem is None and "tool" in action and not allow_tools:
+                    problem = 'no more tool calls this turn; reply with {"answer": TEXT}'
+                if problem is not None:
+                    step.update(action="invalid", error=problem, raw=r.content[:2000])
+                    u["invalid_in_row"] += 1
+                    self._count_error(session, "invalid_call")
+                    session["messages"].append({"role": "assistant", "content": r.content, "turn": session["turn"]})
+                    session["messages"].append({"role": "feedback", "content": f"Invalid reply: {problem}",
+                                                "turn": session["turn"]})
+                elif "answer" in action:
+                    u["invalid_in_row"] = 0
+                    step.update(action="answer", answer=action["answer"])
+                    session["messages"].append({"role": "assistant", "content": action["answer"], "turn": session["turn"]})
+                else:
+                    u["invalid_in_row"] = 0
+                    tool_s = await self._call_tool(session, step, action)
+            span.set_attribute("step.action", step["action"])
+            if step["error"]:
+                span.set_attribute("step.error", step["error"][:500])
+        seconds = time.perf_counter() - t0
+        u["steps"] += 1
+        u["wall_s"] = round(u["wall_s"] + seconds, 4)
+        step["seconds"] = round(seconds, 4)
+        # Orchestration overhead: everything but the model and the tool's own run time.
+        step["overhead_ms"] = round((seconds - llm_s - tool_s) * 1000, 3)
+        session["steps"].append(step)
+        return step
+
+    async def _call_tool(self, session: dict, step: dict, action: dict) -> float:
+        u = session["usage"]
+        tool = self.config.tools_by_name[action["tool"]]
+        session["messages"].append({"role": "assistant", "content": json.dumps(action), "turn": session["turn"]})
+        with tracer().start_as_current_span(f"agent.{tool.kind}") as tspan:
+            tspan.set_attribute("tool.name", tool.name)
+            out = await self.run_tool(tool.name, action["arguments"])
+            tspan.set_attribute("tool.success", out["ok"])
+            tspan.set_attribute("tool.attempts", out["attempts"])
+            tspan.set_attribute("tool.latency_s", out["seconds"])
+            record = {"name": tool.name, "kind": tool.kind, "arguments": action["arguments"], "ok": out["ok"],
+                      "attempts": out["attempts"], "seconds": round(out["seconds"], 4),
+                      "run_seconds": round(float(out.get("tool_seconds", out["seconds"])), 4)}
+            if out["ok"]:
+                if tool.kind == "retrieval":
+                    hits = out["result"].get("hits", [])
+                    record["hits"] = len(hits)
+                    tspan.set_attribute("retrieval.hits", len(hits))
+                    if not hits:
+                        record["empty"] = True
+                        self._count_error(session, "retrieval_empty")
+                else:
+                    record["result"] = out["result"] if isinstance(out["result"], (str, int, float, bool)) else json.dumps(out["result"], default=str)[:2000]
+            else:
+                record["error"] = out["error"]
+                record["timed_out"] = out.get("timed_out", False)
+                u["tool_failures"] += 1
+                self._count_error(session, f"tool_{'timeout' if record['timed_out'] else 'error'}:{tool.name}")
+                tspan.set_attribute("tool.error", out["error"][:500])
+        u["tool_calls"] += 1
+        self.metrics.tool_call(tool.name, out["ok"])
+        step.update(action="tool", tool=record, error=None if out["ok"] else out["error"])
+        session["messages"].append({"role": "tool", "name": tool.name, "content": _observation(tool, out),
+                                    "turn": session["turn"]})
+        # Only the tool's own run time is excluded from overhead; Ray dispatch counts as ours.
+        return float(out.get("tool_seconds", out["seconds"]))

@@ -1,0 +1,137 @@
+"""Tools: plain Python functions with a JSON schema for their arguments.
+
+>>> from runtime.agents.tools import calculator
+>>> calculator(expression="2 * (3 + 4)")
+'14'
+
+A tool is ``module:function`` in the spec. Its argument schema comes from the spec's
+``parameters`` or the function's ``PARAMETERS`` attribute; the model's call is validated against
+it before the tool runs. Tools run as Ray tasks (see ``runtime.agents.toolrun``), so they must
+be importable on the workers, and their return value is shown to the model as text.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import RaylaneError
+
+_OPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression (+ - * / // % ** and parentheses)."""
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError("exponent too large")
+            return _OPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.operand))
+        raise ValueError(f"unsupported syntax: {ast.dump(node)[:40]}")
+
+    try:
+        value = ev(ast.parse(expression.strip(), mode="eval"))
+    except SyntaxError as e:
+        raise ValueError(f"not an arithmetic expression: {expression!r} ({e.msg})") from None
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+# A pattern keeps even a random model's expressions arithmetic (vLLM guides the string too).
+calculator.PARAMETERS = {
+    "type": "object",
+    "properties": {"expression": {"type": "string", "pattern": "^-?[0-9]{1,6}( ?[-+*/] ?[0-9]{1,6}){0,4}$",
+                                  "description": "e.g. 2 * (3 + 4)"}},
+    "required": ["expression"],
+    "additionalProperties": False,
+}
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool as the orchestrator sees it (picklable: the function is imported where it runs)."""
+
+    name: str
+    import_path: str
+    description: str
+    parameters: dict[str, Any]
+    timeout_s: float = 10.0
+    retries: int = 1
+    max_concurrency: int = 4
+    num_cpus: float = 0.0
+    bound: dict[str, Any] = field(default_factory=dict)  # extra keywords the model never sees
+    kind: str = "tool"  # "tool" or "retrieval" (names the span)
+
+
+def import_function(import_path: str) -> Callable[..., Any]:
+    module_name, _, attr = import_path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RaylaneError(
+            f"tool {import_path!r}: cannot import {module_name!r} ({e})",
+            hint="the module must be importable where the agent runs (on a cluster: in the working_dir or image)",
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RaylaneError(f"tool {import_path!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
+    """An argument schema from type hints, for tools that declare none."""
+    kinds = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    props, required = {}, []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name.startswith("_"):
+            continue
+        ann = p.annotation if not isinstance(p.annotation, str) else {"str": str, "int": int, "float": float, "bool": bool}.get(p.annotation)
+        props[p.name] = {"type": kinds.get(ann, "string")}
+        if p.default is p.empty:
+            required.append(p.name)
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+def load_tools(tool_specs: list, retrieval: Any | None = None, index_uri: str | None = None) -> list[Tool]:
+    """Tools from the spec's ``tools:`` (and the retrieval tool), with their schemas checked."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    tools = []
+    for i, t in enumerate(tool_specs):
+        fn = import_function(t.import_path)
+        params = t.parameters or getattr(fn, "PARAMETERS", None) or schema_from_signature(fn)
+        try:
+            Draft202012Validator.check_schema(params)
+        except SchemaError as e:
+            raise RaylaneError(f"tools[{i}].parameters is not a valid JSON schema: {e.message}") from None
+        desc = t.description or (inspect.getdoc(fn) or t.name).splitlines()[0]
+        tools.append(Tool(t.name, t.import_path, desc, params, t.timeout_s, t.retries, t.max_concurrency, t.num_cpus))
+    if retrieval is not None:
+        from runtime.agents.retrieval import RETRIEVE_PARAMETERS
+
+        tools.append(Tool(
+            "retrieve", "runtime.agents.retrieval:retrieve",
+            "Search the document index; returns the best matching passages or 'no results'.",
+            RETRIEVE_PARAMETERS, timeout_s=30.0, retries=1, max_concurrency=8, num_cpus=0.0,
+            bound={"_index": index_uri, "_top_k": retrieval.top_k, "_min_score": retrieval.min_score,
+                   "_dim": retrieval.dim},
+            kind="retrieval",
+        ))
+    return tools

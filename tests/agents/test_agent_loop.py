@@ -1,0 +1,154 @@
+"""The agent loop on a real vLLM server (tiny model, guided JSON), in this process: a full
+session with its trace, every budget, the malformed-call path, and the Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runtime.agents.llm import OpenAIClient
+from runtime.agents.loop import AgentConfig, AgentLoop, new_session
+from runtime.agents.store import RedisStore, SQLiteStore
+from runtime.agents.toolrun import LocalToolRunner
+from runtime.agents.tools import load_tools
+from runtime.specs import parse_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CALC = {"name": "calculator", "import_path": "runtime.agents.tools:calculator"}
+BROKEN = {"name": "inventory", "import_path": "examples.tools:inventory", "retries": 1}
+
+
+@pytest.fixture(scope="module")
+def spans():
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def make_loop(vllm_url, tmp_path, store=None, **spec_patch):
+    spec = parse_spec({"kind": "Agent", "name": "t", "auth": "none",
+                       "llm": {"url": vllm_url, "tool_choice": "required", "max_tool_rounds": 2,
+                               **spec_patch.pop("llm", {})},
+                       "tools": spec_patch.pop("tools", [CALC]), **spec_patch})
+    tools = load_tools(spec.tools)
+    cfg = AgentConfig.from_spec(spec, tools)
+    store = store or SQLiteStore(tmp_path / "sessions.db")
+    return AgentLoop(cfg, OpenAIClient(vllm_url), LocalToolRunner(tools).call, store), cfg, store
+
+
+_LOOP = asyncio.new_event_loop()  # one loop: the HTTP client's connections belong to it
+
+
+def run(coro):
+    return _LOOP.run_until_complete(coro)
+
+
+def test_session_completes_with_a_full_trace(vllm_url, tmp_path, spans):
+    spans.clear()
+    loop, cfg, store = make_loop(vllm_url, tmp_path)
+    session = new_session("full", cfg)
+    reply = run(loop.send(session, "What is 12 * 7?"))
+    assert reply["status"] == "active" and isinstance(reply["reply"], str) and reply["reply"]
+    actions = [s["action"] for s in reply["steps"]]
+    assert actions == ["tool", "tool", "answer"]  # required first call, 2 rounds, then answer only
+    for step in reply["steps"]:
+        assert step["llm"]["guided"] and step["llm"]["tokens_out"] > 0 and step["seconds"] > 0
+    call = reply["steps"][0]["tool"]
+    assert call["ok"] and call["result"] == loop.run_tool.__self__._fns["calculator"](**call["arguments"])
+    saved = store.load("full")
+    assert saved["steps"] == reply["steps"] and saved["usage"]["steps"] == 3
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+
+    finished = spans.get_finished_spans()
+    steps = [s for s in finished if s.name == "agent.step"]
+    assert len(steps) == 3
+    assert {f"{s.context.span_id:016x}" for s in steps} == {s["span_id"] for s in reply["steps"]}
+    llm = [s for s in finished if s.name == "agent.llm"]
+    assert all(s.attributes["llm.tokens_in"] > 0 and s.attributes["llm.latency_s"] > 0 for s in llm)
+    tools = [s for s in finished if s.name == "agent.tool"]
+    assert len(tools) == 2 and all(s.attributes["tool.success"] is True for s in tools)
+    assert all(t.parent.span_id in {s.context.span_id for s in steps} for t in tools + llm)
+
+    second = run(loop.send(session, "And plus one?"))
+    assert second["turn"] == 2 and store.load("full")["usage"]["steps"] == 6
+
+
+@pytest.mark.parametrize("budgets, reason", [
+    ({"max_steps": 3}, "max_steps"),
+    ({"max_tokens": 600}, "max_tokens"),
+    ({"max_wall_s": 0.3}, "max_wall_s"),
+])
+def test_each_budget_ends_the_session(vllm_url, tmp_path, budgets, reason):
+    loop, cfg, store = make_loop(vllm_url, tmp_path, llm={"max_tool_rounds": 100}, budgets=budgets)
+    session = new_session(f"b-{reason}", cfg)
+    reply = run(loop.send(session, "Keep calculating."))
+    assert reply["status"] == "ended" and reply["end_reason"] == reason and reply["reply"] is None
+    saved = store.load(session["id"])
+    assert saved["status"] == "ended" and saved["end_reason"] == reason
+    assert saved["errors"][f"budget:{reason}"] == 1
+    u = saved["usage"]
+    if reason == "max_steps":
+        assert u["steps"] == 3
+    elif reason == "max_tokens":
+        assert u["tokens"] >= 600
+    else:
+        assert u["wall_s"] >= 0.3
+    again = run(loop.send(saved, "hello?"))  # an ended session takes no more work
+    assert again["status"] == "ended" and again["steps"] == [] and store.load(session["id"])["usage"] == u
+
+
+def test_tool_failures_are_recorded_fed_back_and_budgeted(vllm_url, tmp_path):
+    loop, cfg, store = make_loop(vllm_url, tmp_path, tools=[BROKEN], llm={"max_tool_rounds": 100},
+                                 budgets={"max_tool_failures": 1})
+    reply = run(loop.send(new_session("fail", cfg), "How many apples?"))
+    assert reply["end_reason"] == "max_tool_failures"
+    failed = [s["tool"] for s in reply["steps"]]
+    assert len(failed) == 2 and all(not t["ok"] and t["attempts"] == 2 for t in failed)
+    assert "ConnectionError: inventory backend unreachable" in failed[0]["error"]
+    saved = store.load("fail")
+    assert saved["errors"]["tool_error:inventory"] == 2
+    observations = [m["content"] for m in saved["messages"] if m["role"] == "tool"]
+    assert observations and "failed after 2 attempt(s)" in observations[0]
+
+
+def test_malformed_calls_are_failed_steps_fed_back_within_a_bound(vllm_url, tmp_path):
+    # Without guided JSON the random model writes free text: every reply is a malformed call.
+    loop, cfg, store = make_loop(vllm_url, tmp_path, llm={"guided_json": False, "max_tokens": 32},
+                                 budgets={"max_invalid_calls": 2})
+    reply = run(loop.send(new_session("bad", cfg), "What is 1+1?"))
+    assert [s["action"] for s in reply["steps"]] == ["invalid"] * 3
+    assert reply["end_reason"] == "max_invalid_calls"
+    assert all(not s["llm"]["guided"] and s["error"] and s["raw"] is not None for s in reply["steps"])
+    saved = store.load("bad")
+    feedback = [m for m in saved["messages"] if m["role"] == "feedback"]
+    assert len(feedback) == 3 and feedback[0]["content"].startswith("Invalid reply:")
+    assert saved["errors"]["invalid_call"] == 3
+    # The feedback reaches the model: the second prompt carries the first problem.
+    assert "Invalid reply:" in loop.prompt(saved)[3]["content"]
+
+
+def test_redis_store_persists_after_every_step(vllm_url, tmp_path, redis_url):
+    loop, cfg, _ = make_loop(vllm_url, tmp_path, store=RedisStore(redis_url, prefix="t:loop"))
+    reader = RedisStore(redis_url, prefix="t:loop")  # another client, as a restarted actor would be
+
+    async def go():
+        seen = []
+        async for event in loop.turn(new_session("r1", cfg), "What is 3 + 4?"):
+            if event["type"] == "step":
+                seen.append(len(reader.load("r1")["steps"]))
+        return seen, event
+
+    seen, reply = run(go())
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) == 3
+    assert reader.load("r1")["steps"] == reply["steps"] and reader.list_ids() == ["r1"]

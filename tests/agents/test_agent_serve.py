@@ -1,0 +1,216 @@
+"""End-to-end on Ray: the agent's Serve ingress and session actors against a real vLLM server
+(tiny model, guided JSON). Sessions over HTTP with auth, retrieval built by Ray Data, a tool
+timeout, the Redis store, and killing the session actor or the Serve replica mid-session."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+KEY = "agent-test-key"
+CALC = {"name": "calculator", "import_path": "runtime.agents.tools:calculator"}
+SLOW = {"name": "slow_lookup", "import_path": "examples.tools:slow_lookup", "timeout_s": 1, "retries": 1}
+
+
+def agent_spec(name, vllm_url, storage_root, **patch):
+    from runtime.specs import parse_spec
+
+    llm = {"url": vllm_url, "tool_choice": "required", "max_tool_rounds": 2, **patch.pop("llm", {})}
+    return parse_spec({"kind": "Agent", "name": name, "route_prefix": f"/{name}", "llm": llm,
+                       "storage": {"root": str(storage_root)}, **patch})
+
+
+@pytest.fixture(scope="module")
+def agents(vllm_url, storage_root, redis_url, ray_local):
+    from ray import serve
+
+    from runtime.agents import start_agent, stop_agent
+
+    saved = {k: os.environ.get(k) for k in ("RAYLANE_API_KEYS", "RAYLANE_API_KEYS_FILE")}
+    os.environ["RAYLANE_API_KEYS"] = KEY
+    os.environ.pop("RAYLANE_API_KEYS_FILE", None)
+    specs = {
+        "main": agent_spec("main", vllm_url, storage_root, tools=[CALC]),
+        "slow": agent_spec("slow", vllm_url, storage_root, tools=[SLOW], llm={"max_tool_rounds": 1},
+                           budgets={"max_tool_failures": 0}),
+        "search": agent_spec("search", vllm_url, storage_root, retrieval={"corpus": "sample", "min_score": 0.99},
+                           sessions={"backend": "redis", "url": redis_url}, llm={"max_tool_rounds": 1}),
+    }
+    from runtime.agents.runner import _free_port
+
+    port = _free_port("127.0.0.1")
+    results = {k: start_agent(s, port=port, timeout_s=300) for k, s in specs.items()}
+    client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    yield specs, results, client
+    client.close()
+    for k, r in results.items():
+        stop_agent(r, specs[k])
+    serve.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def new_session(client, url) -> str:
+    r = client.post(f"{url}/sessions")
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+@pytest.mark.timeout(900)
+def test_session_over_http_with_auth_and_full_trace(agents):
+    specs, results, client = agents
+    url = results["main"].url
+    assert httpx.post(f"{url}/sessions").status_code == 401
+    assert httpx.post(f"{url}/sessions", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    sid = new_session(client, url)
+    r = client.post(f"{url}/sessions/{sid}/messages", json={"content": "What is 6 * 7?"})
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["session_id"] == sid and reply["status"] == "active" and reply["reply"]
+    assert [s["action"] for s in reply["steps"]] == ["tool", "tool", "answer"]
+    got = client.get(f"{url}/sessions/{sid}").json()
+    assert got["steps"] == reply["steps"]  # one record per step, persisted
+    assert [m["role"] for m in got["messages"]][0] == "user" and got["messages"][-1]["role"] == "assistant"
+    for step in got["steps"]:
+        assert len(step["trace_id"]) == 32 and int(step["trace_id"], 16) != 0  # real spans in the actor
+        assert step["llm"]["tokens_in"] > 0
+    assert got["steps"][0]["tool"]["ok"] is True
+    stats = client.get(f"{url}/stats").json()
+    assert stats["tool_calls:calculator:ok"] >= 2 and stats["tool_success_rate"] == 1.0
+    assert client.get(f"{url}/sessions/nope").status_code == 404
+    assert client.post(f"{url}/sessions/{sid}/messages", json={"content": ""}).status_code == 400
+
+
+@pytest.mark.timeout(900)
+def test_streamed_steps(agents):
+    specs, results, client = agents
+    url = results["main"].url
+    sid = new_session(client, url)
+    with client.stream("POST", f"{url}/sessions/{sid}/messages", json={"content": "2+2?", "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        events = [json.loads(line) for line in r.iter_lines() if line]
+    assert [e["type"] for e in events] == ["step", "step", "step", "reply"]
+    assert [e["n"] for e in events[:3]] == [1, 2, 3] and events[-1]["reply"]
+
+
+@pytest.mark.timeout(900)
+def test_tool_timeout_cancels_retries_and_ends_on_the_failure_budget(agents):
+    specs, results, client = agents
+    url = results["slow"].url
+    sid = new_session(client, url)
+    t0 = time.monotonic()
+    reply = client.post(f"{url}/sessions/{sid}/messages", json={"content": "look up x"}).json()
+    assert time.monotonic() - t0 < 25  # two 1 s attempts, not the tool's 30 s sleep
+    step = reply["steps"][0]
+    assert step["tool"]["name"] == "slow_lookup" and step["tool"]["timed_out"] is True
+    assert step["tool"]["attempts"] == 2 and "timeout after 1 s" in step["tool"]["error"]
+    assert reply["status"] == "ended" and reply["end_reason"] == "max_tool_failures"
+    got = client.get(f"{url}/sessions/{sid}").json()
+    assert got["errors"]["tool_timeout:slow_lookup"] == 1 and got["errors"]["budget:max_tool_failures"] == 1
+    ended = client.post(f"{url}/sessions/{sid}/messages", json={"content": "again"})
+    assert ended.status_code == 409 and ended.json()["end_reason"] == "max_tool_failures"
+
+
+@pytest.mark.timeout(900)
+def test_empty_retrieval_reaches_model_and_trace_with_redis_store(agents, redis_url):
+    from runtime.agents.store import RedisStore
+
+    specs, results, client = agents
+    url = results["search"].url
+    sid = new_session(client, url)
+    reply = client.post(f"{url}/sessions/{sid}/messages", json={"content": "What does KubeRay do?"}).json()
+    first = reply["steps"][0]["tool"]
+    assert first["name"] == "retrieve" and first["kind"] == "retrieval"
+    assert first["ok"] and first["hits"] == 0 and first["empty"] is True
+    stored = RedisStore(redis_url, prefix="raylane:search:session").load(sid)  # the Redis store holds it
+    assert stored["steps"] == reply["steps"] and stored["errors"]["retrieval_empty"] >= 1
+    observation = next(m for m in stored["messages"] if m["role"] == "tool")
+    assert observation["content"].startswith("[retrieve] no results for")
+
+
+def test_index_built_by_ray_data_answers_queries(agents):
+    from runtime.agents.config import index_uri
+    from runtime.agents.retrieval import read_manifest, retrieve
+
+    specs, _, _ = agents
+    uri = index_uri(specs["search"])
+    manifest = read_manifest(uri)
+    assert manifest["chunks"] == 8 and manifest["embedding"] == "hashed-ngram-v1"
+    hits = retrieve(query="How does Ray Serve autoscaling route HTTP requests?", _index=uri, _top_k=2)["hits"]
+    assert hits[0]["id"] == "ray-serve#0"
+    assert retrieve(query="zzzz qqqq", _index=uri, _min_score=0.5)["hits"] == []
+
+
+def _kill_session_actor(spec, sid):
+    import ray
+
+    from runtime.agents.runner import prepare_app_config
+    from runtime.agents.worker import NAMESPACE, SessionRouter
+
+    router = SessionRouter(prepare_app_config(spec))
+    ray.kill(ray.get_actor(router.names[router.index(sid)], namespace=NAMESPACE), no_restart=True)
+
+
+@pytest.mark.timeout(900)
+def test_killed_session_actor_mid_turn_then_resume_loses_nothing(agents):
+    specs, results, client = agents
+    url = results["main"].url
+    sid = new_session(client, url)
+    first = client.post(f"{url}/sessions/{sid}/messages", json={"content": "What is 1+1?"}).json()
+    assert first["reply"]
+    events = []
+    with client.stream("POST", f"{url}/sessions/{sid}/messages", json={"content": "And 2+2?", "stream": True}) as r:
+        lines = r.iter_lines()
+        try:
+            for line in lines:
+                if line:
+                    events.append(json.loads(line))
+                    if len(events) == 1:
+                        _kill_session_actor(specs["main"], sid)  # mid-turn: step 1 saved, more to come
+        except httpx.HTTPError:
+            pass  # the stream breaks with the actor
+    assert events and events[0]["type"] == "step" and events[-1]["type"] != "reply"
+    mid = client.get(f"{url}/sessions/{sid}").json()
+    assert len(mid["steps"]) >= 4  # turn 1's three steps and at least the first of turn 2
+    third = client.post(f"{url}/sessions/{sid}/messages", json={"content": "And 3+3?"})
+    assert third.status_code == 200, third.text
+    after = client.get(f"{url}/sessions/{sid}").json()
+    assert after["turn"] == 3 and after["errors"]["interrupted"] == 1 and after["resumed"] == 1
+    assert after["steps"][: len(mid["steps"])] == mid["steps"]  # nothing lost, nothing rewritten
+    users = [m["content"] for m in after["messages"] if m["role"] == "user"]
+    assert users == ["What is 1+1?", "And 2+2?", "And 3+3?"]  # nothing duplicated
+    assert [s["n"] for s in after["steps"]] == list(range(1, len(after["steps"]) + 1))
+
+
+@pytest.mark.timeout(900)
+def test_killed_serve_replica_then_next_message_resumes(agents):
+    import ray
+
+    specs, results, client = agents
+    url = results["main"].url
+    sid = new_session(client, url)
+    assert client.post(f"{url}/sessions/{sid}/messages", json={"content": "5*5?"}).json()["reply"]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "main" in a["name"] and "AgentIngress" in a["name"]]
+    assert replicas
+    for a in replicas:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 120
+    while True:  # Serve replaces the replica; the session lives in the store and its actor
+        try:
+            r = client.post(f"{url}/sessions/{sid}/messages", json={"content": "and 6*6?"})
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "replica did not come back"
+        time.sleep(1)
+    got = client.get(f"{url}/sessions/{sid}").json()
+    assert got["turn"] == 2 and len(got["steps"]) == 6
+    assert [m["content"] for m in got["messages"] if m["role"] == "user"] == ["5*5?", "and 6*6?"]
