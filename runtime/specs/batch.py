@@ -1,4 +1,9 @@
-"""Spec for ``BatchInference``: a known corpus, sharded, through Ray Data + vLLM."""
+"""Spec for ``BatchInference``: a known corpus, sharded, through Ray Data + vLLM.
+
+>>> from runtime.specs import load_spec
+>>> spec = load_spec("examples/batch.yaml")      # doctest: +SKIP
+>>> spec.rows_per_shard                           # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
@@ -10,31 +15,53 @@ from runtime.specs.common import SpecBase, StrictModel
 
 
 class BatchInput(StrictModel):
+    """The corpus: one file or a folder of files of one format."""
+
     path: str = Field(description="File or folder: local path or s3:// URI.")
-    format: Literal["jsonl", "parquet", "csv"] | None = Field(None, description="None = from the suffix.")
-    id_column: str = Field("id", description="Unique row id; the completeness proof is keyed on it.")
+    format: Literal["jsonl", "parquet", "csv"] | None = Field(
+        None, description="File format; None = from the file suffix (.jsonl/.json, .parquet, .csv)."
+    )
+    id_column: str = Field("id", min_length=1, description="Unique row id; the completeness proof is keyed on it.")
     prompt_column: str | None = Field("prompt", description="Column with the prompt text.")
-    messages_column: str | None = Field(None, description="Column with chat messages instead of a prompt.")
+    messages_column: str | None = Field(
+        None,
+        description="Column with chat messages ([{role, content}, ...]) instead of a prompt; the model's "
+        "chat template turns them into the prompt.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_replace_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("messages_column"):
+            if data.get("prompt_column"):
+                raise ValueError("set prompt_column or messages_column, not both")
+            data = {**data, "prompt_column": None}
+        return data
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.messages_column:
-            self.prompt_column = None
-        if not self.prompt_column:
+        if not self.prompt_column and not self.messages_column:
             raise ValueError("set prompt_column or messages_column")
         return self
 
 
 class SamplingSpec(StrictModel):
-    max_tokens: int = Field(32, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = 0
+    """vLLM sampling parameters applied to every row."""
+
+    max_tokens: int = Field(32, ge=1, description="Most tokens generated per row.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(0, description="Per-request seed, so a rerun of a shard gives the same text.")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (benchmarks).")
 
 
 class BatchOutput(StrictModel):
-    path: str = Field(description="Output folder: local path or s3:// URI.")
-    format: Literal["jsonl", "parquet"] = "parquet"
+    """Where the shard files, commit records and manifest go."""
+
+    path: str | None = Field(
+        None, description="Output folder: local path or s3:// URI; None = <storage.root>/runs/<name>/output."
+    )
+    format: Literal["jsonl", "parquet"] = Field("parquet", description="Format of each shard file.")
 
 
 class BatchInferenceSpec(SpecBase):
@@ -43,12 +70,20 @@ class BatchInferenceSpec(SpecBase):
     kind: Literal["BatchInference"] = "BatchInference"
     model: str = Field(description="Model folder, 'tiny', or registry alias models:/name@alias.")
     adapter: str | None = Field(None, description="LoRA adapter folder or models:/name@alias.")
-    input: BatchInput
-    output: BatchOutput
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
-    rows_per_shard: int = Field(1000, ge=1)
+    input: BatchInput = Field(description="The corpus to run over.")
+    output: BatchOutput = Field(
+        description="Output folder and shard file format (`output: {}` for the default folder)."
+    )
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling parameters for every row.")
+    rows_per_shard: int = Field(
+        1000, ge=1, description="Rows per shard: the unit of commit and of rerun (fixed for an output folder)."
+    )
+    batch_size: int = Field(64, ge=1, description="Rows per engine call (Ray Data batch to the vLLM stage).")
+    max_concurrent_batches: int = Field(
+        8, ge=1, description="Batches in flight per engine replica, so vLLM's scheduler stays full."
+    )
     max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts become error rows.")
-    max_model_len: int = Field(2048, ge=16)
+    max_model_len: int = Field(2048, ge=16, description="Model context (prompt + output tokens) given to vLLM.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM as is.")
     schedule: str | None = Field(None, description="Cron schedule (KubeRay RayCronJob), e.g. '0 2 * * *'.")
 
@@ -57,4 +92,16 @@ class BatchInferenceSpec(SpecBase):
     def _cron(cls, v: str | None) -> str | None:
         if v is not None and len(v.split()) != 5:
             raise ValueError("must be a 5-field cron expression such as '0 2 * * *'")
+        return v
+
+    def output_path(self) -> str:
+        """Where shard files, commit records and the manifest go."""
+        return self.output.path or f"{self.run_dir()}/output"
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_model_override(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("model", "max_model_len"):
+            if key in v:
+                raise ValueError(f"set {key!r} at the top level of the spec, not in engine_kwargs")
         return v

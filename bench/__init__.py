@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.<name>``; each compares raylane with the bare engine in one run."""

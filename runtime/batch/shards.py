@@ -1,0 +1,385 @@
+"""The shard commit protocol: deterministic shards, atomic shard files, commit records, manifest.
+
+Layout of an output folder::
+
+    OUTPUT/_plan.json                  input fingerprint + rows_per_shard (fixed for the folder)
+    OUTPUT/shard-00003.parquet         rows of shard 3: outputs and error rows, one per input id
+    OUTPUT/_commits/shard-00003.json   commit record: row counts, id digest, file size + sha256
+    OUTPUT/_manifest.json              the run's summary: every shard's status, row totals
+
+A shard counts as done only when its commit record exists, and the record is written after the
+shard file is in place (write to a temporary name, then rename). A crash between the two leaves
+an uncommitted file that the next run overwrites under the same name, so no row is ever written
+twice. Shards are slices of the input in its order (files sorted by name), so a rerun cuts the
+same shards; the plan file refuses a rerun whose input or shard size changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from runtime import storage
+from runtime.errors import RaylaneError
+
+PLAN = "_plan.json"
+MANIFEST = "_manifest.json"
+COMMITS = "_commits"
+FORMAT_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
+INPUT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+def input_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    for suffix, name in INPUT_SUFFIXES.items():
+        if path.rstrip("/").endswith(suffix):
+            return name
+    raise RaylaneError(
+        f"cannot tell the format of input {path!r} from its name",
+        hint="set input.format to jsonl, parquet or csv",
+    )
+
+
+def input_files(path: str, fmt: str | None) -> tuple[list[str], str]:
+    """The input's files (sorted, so shards are the same on every run) and their format."""
+    fs, p = storage.resolve(path)
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise RaylaneError(f"input {path!r} does not exist", hint="check input.path in the spec")
+    if info.type == pafs.FileType.File:
+        return [p], input_format(p, fmt)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+    if fmt is None:
+        fmts = {INPUT_SUFFIXES.get("." + f.rsplit(".", 1)[-1]) for f in files} - {None}
+        if len(fmts) != 1:
+            raise RaylaneError(f"input folder {path!r} has no single file format", hint="set input.format")
+        fmt = fmts.pop()
+    suffixes = [s for s, name in INPUT_SUFFIXES.items() if name == fmt]
+    files = [f for f in files if f.endswith(tuple(suffixes))]
+    if not files:
+        raise RaylaneError(f"input folder {path!r} has no {fmt} files", hint="check input.path and input.format")
+    return files, fmt
+
+
+def read_input(path: str, fmt: str | None = None) -> pa.Table:
+    """The whole corpus as one Arrow table, rows in a fixed order."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    files, fmt = input_files(path, fmt)
+    fs, _ = storage.resolve(path)
+    tables = []
+    for f in files:
+        try:
+            if fmt == "parquet":
+                tables.append(pq.read_table(f, filesystem=fs))
+                continue
+            with fs.open_input_stream(f) as stream:
+                data = stream.read()
+            if fmt == "jsonl":
+                tables.append(pajson.read_json(io.BytesIO(data)) if data.strip() else pa.table({}))
+            else:
+                tables.append(pacsv.read_csv(io.BytesIO(data)))
+        except pa.ArrowInvalid as e:
+            raise RaylaneError(f"cannot read input file {f} as {fmt}: {e}", hint="check input.format") from None
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        raise RaylaneError(f"input {path!r} has no rows")
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def check_columns(table: pa.Table, id_column: str, text_column: str) -> list[str]:
+    """Ids as strings, after checking the columns exist and ids are present and unique."""
+    for field_path, col in (("input.id_column", id_column), ("input.prompt_column/messages_column", text_column)):
+        if col not in table.column_names:
+            raise RaylaneError(
+                f"{field_path}: the input has no column {col!r} (columns: {', '.join(table.column_names)})",
+                hint=f"set {field_path.split('/')[0]} to one of the input's columns",
+            )
+    ids = [None if v is None else str(v) for v in table.column(id_column).to_pylist()]
+    missing = sum(1 for v in ids if v is None)
+    if missing:
+        raise RaylaneError(f"{missing} input rows have no {id_column!r}", hint="every row needs an id")
+    seen: set[str] = set()
+    dups = [v for v in ids if v in seen or seen.add(v)]
+    if dups:
+        raise RaylaneError(
+            f"input ids are not unique: {len(dups)} duplicates, e.g. {dups[:3]}",
+            hint=f"the completeness proof is keyed on {id_column!r}; deduplicate the input or pick another id column",
+        )
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards and commits
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for i in sorted(ids):
+        h.update(i.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def shard_ranges(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    return [(s, min(s + rows_per_shard, rows)) for s in range(0, rows, rows_per_shard)]
+
+
+@dataclass
+class Plan:
+    input: str
+    rows: int
+    rows_per_shard: int
+    shards: int
+    ids_sha256: str
+    output_format: str
+    id_column: str
+    input_format: str
+
+    def mismatch(self, other: Plan) -> list[str]:
+        keys = ("rows", "rows_per_shard", "ids_sha256", "output_format")
+        return [k for k in keys if getattr(self, k) != getattr(other, k)]
+
+
+def ensure_plan(output: str, plan: Plan) -> None:
+    """Write the plan on a first run; on a rerun, refuse if the input or sharding changed."""
+    uri = storage.join(output, PLAN)
+    if storage.exists(uri):
+        old = Plan(**json.loads(storage.read_bytes(uri)))
+        diff = old.mismatch(plan)
+        if diff:
+            raise RaylaneError(
+                f"output {output!r} holds shards of a different run (changed: {', '.join(diff)})",
+                hint="a rerun must use the same input and rows_per_shard; to start over pick a new "
+                "output.path or delete the folder",
+            )
+        return
+    storage.write_bytes_atomic(uri, json.dumps(asdict(plan), indent=2).encode())
+
+
+@dataclass
+class CommitRecord:
+    shard: int
+    file: str
+    rows: int
+    rows_out: int
+    rows_error: int
+    ids_sha256: str
+    file_bytes: int
+    file_sha256: str
+    output_tokens: int
+    run_id: str
+    committed_at: float
+
+
+def encode_rows(rows: list[dict[str, Any]], fmt: str) -> bytes:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, default=str) + "\n" for r in rows).encode()
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), buf)
+    return buf.getvalue()
+
+
+def decode_rows(data: bytes, fmt: str) -> list[dict[str, Any]]:
+    """Rows of a shard file; raises ValueError when it is truncated or corrupt."""
+    if fmt == "jsonl":
+        text = data.decode()
+        if text and not text.endswith("\n"):
+            raise ValueError("last line is cut off")
+        try:
+            return [json.loads(line) for line in text.splitlines() if line]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"bad JSON line: {e}") from None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"not a readable parquet file: {e}") from None
+
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("output", pa.string()),
+        ("error", pa.string()),
+        ("num_input_tokens", pa.int64()),
+        ("num_output_tokens", pa.int64()),
+    ]
+)
+
+
+def commit_shard(output: str, fmt: str, index: int, rows: list[dict[str, Any]], run_id: str) -> CommitRecord:
+    """Write a shard's file atomically, then its commit record (the commit point)."""
+    name = shard_name(index) + FORMAT_SUFFIX[fmt]
+    data = encode_rows(sorted(rows, key=lambda r: r["id"]), fmt)
+    storage.write_bytes_atomic(storage.join(output, name), data)
+    errors = sum(1 for r in rows if r.get("error"))
+    record = CommitRecord(
+        shard=index,
+        file=name,
+        rows=len(rows),
+        rows_out=len(rows) - errors,
+        rows_error=errors,
+        ids_sha256=ids_digest(r["id"] for r in rows),
+        file_bytes=len(data),
+        file_sha256=hashlib.sha256(data).hexdigest(),
+        output_tokens=sum(int(r.get("num_output_tokens") or 0) for r in rows),
+        run_id=run_id,
+        committed_at=time.time(),
+    )
+    storage.write_bytes_atomic(commit_uri(output, index), json.dumps(asdict(record), indent=2).encode())
+    return record
+
+
+def commit_uri(output: str, index: int) -> str:
+    return storage.join(output, COMMITS, shard_name(index) + ".json")
+
+
+def read_commits(output: str) -> dict[int, CommitRecord]:
+    fs, _ = storage.resolve(output)
+    records = {}
+    for path in storage.list_files(storage.join(output, COMMITS), suffix=".json"):
+        with fs.open_input_stream(path) as f:
+            rec = CommitRecord(**json.loads(f.read()))
+        records[rec.shard] = rec
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest and verification
+
+
+def write_manifest(output: str, manifest: dict[str, Any]) -> str:
+    uri = storage.join(output, MANIFEST)
+    storage.write_bytes_atomic(uri, json.dumps(manifest, indent=2).encode())
+    return uri
+
+
+@dataclass
+class VerifyReport:
+    """What ``raylane batch verify`` proves (``ok``) or the problems it found."""
+
+    output: str
+    ok: bool
+    rows_in: int
+    rows_out: int
+    rows_error: int
+    shards_total: int
+    shards_committed: int
+    problems: list[str] = field(default_factory=list)
+    checked_against_input: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify_output(output: str, *, check_input: bool = True, max_problems: int = 50) -> VerifyReport:
+    """Prove every input id appears exactly once across a batch output's shard files.
+
+    >>> verify_output("/tmp/out").ok          # doctest: +SKIP
+
+    Checks: every shard of the plan has a commit record and its file; each file is byte-for-byte
+    the one committed (size and sha256) and decodes; its ids match the record's digest; no id
+    appears twice across shards; and (when the input is readable) the ids are exactly the input's.
+    """
+    plan_uri = storage.join(output, PLAN)
+    if not storage.exists(plan_uri):
+        raise RaylaneError(
+            f"{output!r} is not a batch output folder (no {PLAN})",
+            hint="give the output.path of a BatchInference spec that has run",
+        )
+    plan = Plan(**json.loads(storage.read_bytes(plan_uri)))
+    commits = read_commits(output)
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    rows_out = rows_error = 0
+    fmt = plan.output_format
+    for index in range(plan.shards):
+        rec = commits.get(index)
+        if rec is None:
+            problems.append(f"{shard_name(index)}: not committed (missing shard)")
+            continue
+        uri = storage.join(output, rec.file)
+        if not storage.exists(uri):
+            problems.append(f"{rec.file}: committed but the file is missing")
+            continue
+        data = storage.read_bytes(uri)
+        if len(data) != rec.file_bytes or hashlib.sha256(data).hexdigest() != rec.file_sha256:
+            problems.append(
+                f"{rec.file}: {len(data)} bytes, committed {rec.file_bytes} (truncated or modified after commit)"
+            )
+        try:
+            rows = decode_rows(data, fmt)
+        except ValueError as e:
+            problems.append(f"{rec.file}: unreadable ({e})")
+            continue
+        ids = [str(r.get("id")) for r in rows]
+        if len(rows) != rec.rows or ids_digest(ids) != rec.ids_sha256:
+            problems.append(f"{rec.file}: {len(rows)} rows, committed {rec.rows} (ids differ from the commit record)")
+        for i in ids:
+            if i in seen:
+                problems.append(f"id {i!r} appears twice ({shard_name(seen[i])} and {shard_name(index)})")
+            seen[i] = index
+        errs = sum(1 for r in rows if r.get("error"))
+        rows_error += errs
+        rows_out += len(rows) - errs
+    extra = sorted(set(commits) - set(range(plan.shards)))
+    problems += [f"{shard_name(i)}: commit record outside the plan's {plan.shards} shards" for i in extra]
+    if len(seen) != plan.rows:
+        problems.append(f"{len(seen)} distinct ids in the outputs, the input has {plan.rows}")
+    if ids_digest(seen) != plan.ids_sha256 and len(seen) == plan.rows:
+        problems.append("the output ids are not the input ids")
+    checked = False
+    if check_input and storage.exists(plan.input):
+        # The plan's digest already ties outputs to the input as it was; re-reading it also
+        # catches an input that changed since the run.
+        try:
+            table = read_input(plan.input, plan.input_format)
+        except RaylaneError:
+            table = None
+        if table is not None and plan.id_column in table.column_names:
+            input_ids = [str(v) for v in table.column(plan.id_column).to_pylist()]
+            missing = set(input_ids) - set(seen)
+            unknown = set(seen) - set(input_ids)
+            if missing:
+                problems.append(f"{len(missing)} input ids have no output row, e.g. {sorted(missing)[:3]}")
+            if unknown:
+                problems.append(f"{len(unknown)} output ids are not in the input, e.g. {sorted(unknown)[:3]}")
+            checked = True
+    if len(problems) > max_problems:
+        problems = problems[:max_problems] + [f"... and {len(problems) - max_problems} more"]
+    return VerifyReport(
+        output=output,
+        ok=not problems,
+        rows_in=plan.rows,
+        rows_out=rows_out,
+        rows_error=rows_error,
+        shards_total=plan.shards,
+        shards_committed=sum(1 for i in commits if i < plan.shards),
+        problems=problems,
+        checked_against_input=checked,
+    )

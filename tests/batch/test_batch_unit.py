@@ -1,0 +1,237 @@
+"""Batch inference logic without Ray: spec, input reading, shards, commits, verify, outliers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runtime.batch import shards as sh
+from runtime.batch.corpus import sample_corpus
+from runtime.batch.engine import prepare_prompts, prompt_limit
+from runtime.errors import RaylaneError, SpecError
+from runtime.specs import load_spec, parse_spec
+from tests.conftest import EXAMPLES, run_cli
+
+
+def _spec(**over):
+    base = {"kind": "BatchInference", "name": "t", "model": "tiny", "input": {"path": "x.jsonl"}, "output": {}}
+    base.update(over)
+    return parse_spec(base)
+
+
+def test_example_spec_validates_and_its_corpus_is_the_generator_output():
+    spec = load_spec(EXAMPLES / "batch.yaml")
+    assert spec.kind == "BatchInference" and spec.rows_per_shard == 100
+    lines = (EXAMPLES / "data" / "corpus.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == sample_corpus(1000)
+
+
+def test_spec_errors_name_the_field():
+    with pytest.raises(SpecError) as e:
+        parse_spec({"kind": "BatchInference", "name": "t", "model": "tiny",
+                    "input": {"path": "x", "prompt_colum": "p"}, "rows_per_shard": 0,
+                    "engine_kwargs": {"max_model_len": 9}, "schedule": "daily"})
+    msg = str(e.value)
+    assert "input.prompt_colum: unknown field; did you mean 'prompt_column'?" in msg
+    assert "rows_per_shard" in msg and "engine_kwargs" in msg and "schedule" in msg
+
+
+def test_output_path_defaults_under_the_storage_root():
+    spec = _spec(storage={"root": "/data/rl"})
+    assert spec.output_path() == "/data/rl/runs/t/output"
+    assert _spec(output={"path": "s3://b/o"}).output_path() == "s3://b/o"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_read_input_formats_in_file_order(tmp_path: Path, fmt: str):
+    rows = [{"id": i, "prompt": f"p{i}"} for i in range(7)]
+    d = tmp_path / "in"
+    d.mkdir()
+    for part, chunk in (("b", rows[4:]), ("a", rows[:4])):  # names sort a, b
+        table = pa.Table.from_pylist(chunk)
+        f = d / f"{part}.{fmt}"
+        if fmt == "jsonl":
+            f.write_text("".join(json.dumps(r) + "\n" for r in chunk))
+        elif fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, f)
+        else:
+            pq.write_table(table, f)
+    table = sh.read_input(str(d))
+    assert sh.check_columns(table, "id", "prompt") == [str(i) for i in range(7)]
+
+
+def test_duplicate_or_missing_ids_and_columns_are_user_errors():
+    t = pa.table({"id": [1, 2, 2], "prompt": ["a", "b", "c"]})
+    with pytest.raises(RaylaneError, match="not unique"):
+        sh.check_columns(t, "id", "prompt")
+    with pytest.raises(RaylaneError, match="no column 'text'"):
+        sh.check_columns(t, "id", "text")
+    with pytest.raises(RaylaneError, match="have no 'id'"):
+        sh.check_columns(pa.table({"id": [1, None], "prompt": ["a", "b"]}), "id", "prompt")
+
+
+def test_shards_are_fixed_slices():
+    assert sh.shard_ranges(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert sh.shard_ranges(6, 3) == [(0, 3), (3, 6)]
+
+
+def _fake_output(out: Path, n: int = 10, per: int = 4, fmt: str = "jsonl") -> list[str]:
+    """An output folder as run_batch leaves it, with made-up generations."""
+    ids = [f"r{i}" for i in range(n)]
+    input_path = out.parent / "in.jsonl"
+    input_path.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in ids))
+    ranges = sh.shard_ranges(n, per)
+    sh.ensure_plan(str(out), sh.Plan(str(input_path), n, per, len(ranges), sh.ids_digest(ids), fmt, "id", "jsonl"))
+    for k, (lo, hi) in enumerate(ranges):
+        rows = [{"id": i, "output": "y", "error": None if j % 3 else "empty prompt",
+                 "num_input_tokens": 1, "num_output_tokens": 2} for j, i in enumerate(ids[lo:hi])]
+        sh.commit_shard(str(out), fmt, k, rows, run_id="run-1")
+    return ids
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_verify_passes_on_a_complete_output(tmp_path: Path, fmt: str):
+    _fake_output(tmp_path / "out", fmt=fmt)
+    r = sh.verify_output(str(tmp_path / "out"))
+    assert r.ok, r.problems
+    assert (r.rows_in, r.rows_out + r.rows_error, r.shards_total, r.checked_against_input) == (10, 10, 3, True)
+    assert r.rows_error == 5  # j % 3 == 0: j=0,3 | 0,3 | 0 in shards of 4, 4, 2
+
+
+def test_verify_catches_deleted_truncated_and_duplicated_shards(tmp_path: Path):
+    out = tmp_path / "out"
+    _fake_output(out)
+    (out / "shard-00001.jsonl").unlink()
+    data = (out / "shard-00002.jsonl").read_bytes()
+    (out / "shard-00002.jsonl").write_bytes(data[: len(data) // 2])
+    r = sh.verify_output(str(out))
+    assert not r.ok
+    text = "\n".join(r.problems)
+    assert "shard-00001.jsonl: committed but the file is missing" in text
+    assert "shard-00002.jsonl" in text and "truncated" in text
+    assert "input ids have no output row" in text
+
+
+def test_verify_catches_a_missing_commit_and_a_row_written_twice(tmp_path: Path):
+    out = tmp_path / "out"
+    _fake_output(out)
+    (out / "_commits" / "shard-00002.json").unlink()
+    # Copy a row of shard 0 into shard 1 and re-commit it: a double write that checksums can't see.
+    rows0 = sh.decode_rows((out / "shard-00000.jsonl").read_bytes(), "jsonl")
+    rows1 = sh.decode_rows((out / "shard-00001.jsonl").read_bytes(), "jsonl")
+    sh.commit_shard(str(out), "jsonl", 1, rows1 + rows0[:1], run_id="run-2")
+    r = sh.verify_output(str(out))
+    text = "\n".join(r.problems)
+    assert "shard-00002: not committed (missing shard)" in text
+    assert "id 'r0' appears twice" in text
+
+
+def test_a_rerun_with_other_input_or_sharding_is_refused(tmp_path: Path):
+    out = tmp_path / "out"
+    ids = _fake_output(out)
+    plan = sh.Plan(str(tmp_path / "in.jsonl"), 10, 5, 2, sh.ids_digest(ids), "jsonl", "id", "jsonl")
+    with pytest.raises(RaylaneError, match="rows_per_shard"):
+        sh.ensure_plan(str(out), plan)
+
+
+def test_verify_cli_json_and_exit_codes(tmp_path: Path):
+    out = tmp_path / "out"
+    _fake_output(out)
+    ok = run_cli("batch", "verify", str(out), "--json", timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+    (out / "shard-00000.jsonl").write_text("")
+    bad = run_cli("batch", "verify", str(out), timeout=120)
+    assert bad.returncode == 1
+    assert "INCOMPLETE" in bad.stdout and "shard-00000.jsonl" in bad.stdout
+    missing = run_cli("batch", "verify", str(tmp_path / "nope"), timeout=120)
+    assert missing.returncode == 1 and "not a batch output folder" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_outliers_become_error_reasons(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    spec = _spec(max_prompt_tokens=20, max_model_len=64)
+    assert prompt_limit(spec) == (20, "max_prompt_tokens")
+    out = prepare_prompts(spec, ["hello world", "", "   ", None, 7, "word " * 50], tok)
+    assert isinstance(out[0], list) and len(out[0]) == len(tok("hello world")["input_ids"])
+    assert out[1:4] == ["empty prompt", "empty prompt", "empty prompt: null"]
+    assert out[4].startswith("bad prompt")
+    assert out[5].startswith("prompt too long") and "max_prompt_tokens limit of 20" in out[5]
+    # Without max_prompt_tokens the model context is the limit.
+    long = prepare_prompts(_spec(max_model_len=32), ["word " * 50], tok)[0]
+    assert "max_model_len" in long
+
+
+def test_chat_messages_use_the_chat_template(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    spec = _spec(input={"path": "x.jsonl", "messages_column": "messages"})
+    msgs = [{"role": "user", "content": "hi"}]
+    out = prepare_prompts(spec, [msgs, [], [{"content": "no role"}]], tok)
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert out[0] == tok(text, add_special_tokens=False)["input_ids"]
+    assert out[1] == "empty prompt: no messages"
+    assert out[2].startswith("bad messages")
+
+
+def test_an_engine_failure_keeps_committed_shards_and_says_how_to_resume(tiny_model: Path, tmp_path: Path,
+                                                                         monkeypatch):
+    """Runner logic only: the engine stage is replaced by one that commits a shard, then dies."""
+    from runtime.batch import runner
+    from runtime.errors import BatchEngineError
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "prompt": f"p {i}"}) + "\n" for i in range(6)))
+    spec = _spec(model=str(tiny_model), input={"path": str(corpus)},
+                 output={"path": str(tmp_path / "out"), "format": "jsonl"}, rows_per_shard=3)
+
+    def half_engine(spec, address, model_dir, adapter_dir, rows, buffers, records, maybe_commit, progress):
+        for r in rows[:3]:
+            buffers[r["__rl_shard"]][r["__rl_id"]] = {"id": r["__rl_id"], "output": "x", "error": None,
+                                                      "num_input_tokens": 1, "num_output_tokens": 1}
+            maybe_commit(r["__rl_shard"])
+        raise RuntimeError("engine died\nEngineDeadError: out of memory")
+
+    monkeypatch.setattr(runner, "_run_engine", half_engine)
+    with pytest.raises(BatchEngineError) as e:
+        runner.run_batch(spec)
+    assert "1/2 shards were committed" in str(e.value) and "out of memory" in str(e.value)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert [s["status"] for s in manifest["shards"]] == ["committed", "missing"]
+    assert not manifest["complete"]
+    assert sorted(sh.read_commits(str(tmp_path / "out"))) == [0]
+
+
+def test_engine_kwargs_offline_defaults_lora_and_user_overrides(tmp_path: Path):
+    from runtime.batch.engine import engine_kwargs
+
+    cpu = engine_kwargs(_spec(max_model_len=512), None)
+    assert cpu["max_model_len"] == 512 and cpu["enforce_eager"] and cpu["max_num_seqs"] == 256
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 12}))
+    lora = engine_kwargs(_spec(engine_kwargs={"max_num_seqs": 64}), str(tmp_path))
+    assert lora["enable_lora"] and lora["max_lora_rank"] == 16 and lora["max_num_seqs"] == 64
+    gpu = engine_kwargs(_spec(resources={"gpus_per_worker": 1}), None)
+    assert "enforce_eager" not in gpu and "max_num_seqs" not in gpu
+
+
+def test_engine_rows_and_engine_errors_become_shard_rows():
+    from runtime.batch.engine import ID, SHARD, engine_row
+
+    ok = engine_row({ID: "a", SHARD: 0, "output": "hi", "num_input_tokens": 3, "num_output_tokens": 2,
+                     "error": None})
+    assert ok == {"id": "a", "output": "hi", "error": None, "num_input_tokens": 3, "num_output_tokens": 2}
+    # should_continue_on_error rows skip the postprocess: they carry the processor's own columns.
+    bad = engine_row({ID: 7, SHARD: 0, "generated_text": "", "num_input_tokens": 0,
+                      "__inference_error__": "ValueError: token id 9999 out of vocabulary"})
+    assert bad["id"] == "7" and bad["output"] is None
+    assert bad["error"] == "engine error: ValueError: token id 9999 out of vocabulary"
