@@ -94,3 +94,7 @@ class BatchEngineError(RaylaneError):
     """A batch run's engine stage failed; committed shards are kept and a rerun resumes."""
 
     exit_code = 1
+
+
+class AuthNotConfigured(RaylaneError):
+    """An endpoint with ``auth: api-key`` was asked to start without any API key source."""

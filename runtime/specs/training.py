@@ -1,12 +1,26 @@
-"""Specs for the two Ray Train shapes: ``Training`` (from a config) and ``FineTune`` (LoRA)."""
+"""Specs for the two Ray Train shapes: ``Training`` (from a config) and ``FineTune`` (LoRA).
+
+>>> from runtime.specs import load_spec
+>>> spec = load_spec("examples/finetune.yaml")        # doctest: +SKIP
+>>> spec.train.checkpoint_every_n_steps                # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from runtime.specs.common import SpecBase, StrictModel
+
+IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _import_path(v: str | None) -> str | None:
+    if v is not None and not IMPORT_PATH_RE.match(v):
+        raise ValueError(f"must be an import path 'package.module:function', got {v!r}")
+    return v
 
 
 class DatasetSpec(StrictModel):
@@ -18,68 +32,159 @@ class DatasetSpec(StrictModel):
     messages_column: str | None = Field(
         None, description="Column with chat messages ([{role, content}]); rendered with the chat template."
     )
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share for evaluation.")
-    max_seq_len: int = Field(128, ge=8, description="Tokens per training sequence.")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1,
+        description="Held-out share for evaluation; a document's split is fixed by a hash of its text.",
+    )
+    max_seq_len: int = Field(128, ge=8, description="Tokens per training sequence (documents are packed).")
 
 
 class ModelConfigSpec(StrictModel):
     """A Llama-style architecture trained from scratch (the ``Training`` recipe)."""
 
-    hidden_size: int = Field(128, ge=16)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(2, ge=1)
-    num_kv_heads: int = Field(1, ge=1)
-    intermediate_size: int = Field(256, ge=16)
-    vocab_size: int = Field(512, ge=64)
-    tokenizer: str = Field("tiny", description="Tokenizer path, or 'tiny' for raylane's embedded one.")
-
-
-class OptimSpec(StrictModel):
-    """Loop length, optimiser and checkpoint cadence."""
-
-    steps: int | None = Field(None, ge=1, description="Total optimiser steps (or set epochs).")
-    epochs: int | None = Field(None, ge=1, description="Passes over the data (or set steps).")
-    batch_size: int = Field(8, ge=1, description="Sequences per worker per step.")
-    learning_rate: float = Field(3e-4, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; None disables clipping.")
-    checkpoint_every_n_steps: int = Field(50, ge=1)
-    checkpoints_to_keep: int = Field(2, ge=1)
-    seed: int = 0
+    hidden_size: int = Field(128, ge=16, description="Hidden size.")
+    num_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_heads: int = Field(2, ge=1, description="Attention heads (hidden_size / num_heads = head_dim; vLLM CPU needs 64).")
+    num_kv_heads: int = Field(1, ge=1, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(256, ge=16, description="MLP width.")
+    vocab_size: int = Field(512, ge=64, description="Embedding rows; at least the tokenizer's vocabulary.")
+    max_position_embeddings: int = Field(2048, ge=16, description="Longest sequence the model supports.")
+    tokenizer: str = Field("tiny", description="Tokenizer folder, or 'tiny' for raylane's embedded one.")
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self):
-        if self.steps is None and self.epochs is None:
-            self.steps = 100
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("set either 'steps' or 'epochs', not both")
+    def _heads(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         return self
 
 
-class TrainingSpec(SpecBase):
+class OptimSpec(StrictModel):
+    """Loop length, optimiser, guards and checkpoint cadence."""
+
+    steps: int | None = Field(None, ge=1, description="Total optimiser steps (or set epochs; default 100 steps).")
+    epochs: int | None = Field(None, ge=1, description="Passes over the training split (or set steps).")
+    batch_size: int = Field(8, ge=1, description="Sequences per worker per step.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; None disables clipping.")
+    max_grad_norm: float | None = Field(
+        1e4, gt=0,
+        description="Guard: stop the run when the gradient norm (before clipping) exceeds this; None disables.",
+    )
+    checkpoint_every_n_steps: int = Field(50, ge=1, description="Checkpoint cadence (the last step is always saved).")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Newest checkpoints kept under the storage root.")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async",
+        description="'async' uploads checkpoints in the background (training continues); 'sync' blocks the "
+        "step until the upload is done.",
+    )
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group restarts (from the last checkpoint) before the run fails."
+    )
+    step_fn: str | None = Field(
+        None,
+        description="Your own loss: import path 'pkg.mod:fn' with fn(model, batch, step) -> scalar loss tensor "
+        "(batch = {'input_ids', 'labels'}); None = causal-LM loss. The harness does the rest.",
+    )
+    seed: int = Field(0, description="Seed for weights init, data order and dropout.")
+
+    _check_step_fn = field_validator("step_fn")(classmethod(lambda cls, v: _import_path(v)))
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set either 'steps' or 'epochs', not both")
+        if self.steps is None and self.epochs is None:
+            self.steps = 100
+        return self
+
+
+class PlacementSpec(StrictModel):
+    """Gang placement: every worker in one Ray placement group, or the run does not start."""
+
+    strategy: Literal["PACK", "STRICT_PACK", "STRICT_SPREAD", "SPREAD"] = Field(
+        "PACK",
+        description="PACK (few nodes, best effort), STRICT_PACK (one node), STRICT_SPREAD (one worker per node).",
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="Fail (naming the missing resources) if the gang cannot be placed within this time."
+    )
+
+
+class EvalSpec(StrictModel):
+    """Held-out evaluation and the eval gate that decides promotion to ``champion``."""
+
+    metric: str | None = Field(
+        None,
+        description="Extra metric: import path 'pkg.mod:fn' with fn(model_dir, texts) -> float or dict of floats.",
+    )
+    gate_metric: str = Field("eval_loss", description="Metric the gate compares (eval_loss, perplexity or your metric's).")
+    higher_is_better: bool = Field(False, description="Direction of gate_metric (loss: lower is better).")
+    margin: float = Field(
+        0.0, ge=0,
+        description="The new model must beat the champion on gate_metric by more than this (absolute) to be promoted.",
+    )
+
+    _check_metric = field_validator("metric")(classmethod(lambda cls, v: _import_path(v)))
+
+
+class RegistrySpec(StrictModel):
+    """MLflow model registry (SQLite under the storage root unless MLFLOW_TRACKING_URI is set)."""
+
+    enabled: bool = Field(True, description="Register the trained model (alias 'challenger', maybe 'champion').")
+    model_name: str | None = Field(None, description="Registered model name; None = the spec's name.")
+
+
+class DriftSpec(StrictModel):
+    """``jobs.drift_check``: evaluate the champion on recent data; fine-tune when it has degraded."""
+
+    data: DatasetSpec = Field(description="Recent data to evaluate the champion on (all of it is used).")
+    max_degradation: float = Field(
+        0.1, ge=0,
+        description="Fine-tune when eval_loss on recent data exceeds the champion's registered eval_loss by "
+        "more than this fraction (0.1 = 10%).",
+    )
+
+
+class _TrainShape(SpecBase):
+    data: DatasetSpec = Field(description="Training data.")
+    train: OptimSpec = Field(default_factory=OptimSpec, description="Loop length, optimiser, guards, checkpoints.")
+    placement: PlacementSpec = Field(default_factory=PlacementSpec, description="Gang placement of the workers.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation and the eval gate.")
+    registry: RegistrySpec = Field(default_factory=RegistrySpec, description="Model registry.")
+
+    def registered_name(self) -> str:
+        return self.registry.model_name or self.name
+
+
+class TrainingSpec(_TrainShape):
     """Causal-LM training from a model config with Ray Train (``kind: Training``)."""
 
     kind: Literal["Training"] = "Training"
-    model: ModelConfigSpec = Field(default_factory=ModelConfigSpec)
-    data: DatasetSpec
-    train: OptimSpec = Field(default_factory=OptimSpec)
+    model: ModelConfigSpec = Field(default_factory=ModelConfigSpec, description="Architecture to train.")
 
 
 class LoraSpec(StrictModel):
-    rank: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """peft LoRA settings."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Module names to adapt."
+    )
 
 
-class FineTuneSpec(SpecBase):
+class FineTuneSpec(_TrainShape):
     """LoRA fine-tuning of a base causal LM with Ray Train and peft (``kind: FineTune``)."""
 
     kind: Literal["FineTune"] = "FineTune"
     base_model: str = Field(
         description="Base model: HF model folder, 'tiny' (raylane's embedded model) or models:/name@alias."
     )
-    data: DatasetSpec
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    train: OptimSpec = Field(default_factory=OptimSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
+    drift: DriftSpec | None = Field(None, description="Drift trigger for `python -m jobs.drift_check`.")
