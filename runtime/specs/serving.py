@@ -1,25 +1,62 @@
-"""Spec for ``OnlineInference``: an OpenAI-compatible vLLM endpoint on Ray Serve."""
+"""Spec for ``OnlineInference``: an OpenAI-compatible vLLM endpoint on Ray Serve.
+
+>>> from runtime.specs import parse_spec
+>>> spec = parse_spec({"kind": "OnlineInference", "name": "chat", "model": "tiny", "auth": "none"})
+>>> spec.autoscaling.floor(spec.slo)
+0
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from runtime.specs.common import SpecBase, StrictModel
 
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# Engine settings raylane sets from its own fields; engine_kwargs must not repeat them, or the
+# same setting would live in two places of one spec.
+OWNED_ENGINE_KEYS = {
+    "max_model_len": "max_model_len",
+    "dtype": "dtype",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "max_num_seqs": "max_num_seqs",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "enable_lora": "adapters",
+    "max_lora_rank": "max_lora_rank",
+}
+
 
 class SLOSpec(StrictModel):
-    ttft_ms_p95: float | None = Field(None, gt=0, description="Time-to-first-token target, p95.")
-    tpot_ms_p95: float | None = Field(None, gt=0, description="Time per output token target, p95.")
+    """Latency targets. Declaring any keeps a warm replica (min_replicas >= 1) by default."""
+
+    ttft_ms_p95: float | None = Field(None, gt=0, description="Time-to-first-token target, p95, in ms.")
+    tpot_ms_p95: float | None = Field(None, gt=0, description="Time per output token target, p95, in ms.")
 
 
 class AutoscalingSpec(StrictModel):
-    min_replicas: int | None = Field(None, ge=0, description="None = 1 with an SLO, 0 without.")
-    max_replicas: int = Field(1, ge=1)
-    target_waiting_per_replica: float = Field(2.0, gt=0)
-    kv_cache_threshold: float = Field(0.8, gt=0, le=1)
-    downscale_cooldown_s: float = Field(300.0, ge=0)
+    """Queue-depth and KV-cache autoscaling (never CPU/GPU utilisation): up fast, down slowly."""
+
+    min_replicas: int | None = Field(
+        None, ge=0, description="Warm floor. None = 1 when the spec has an slo, 0 (scale to zero) without."
+    )
+    max_replicas: int = Field(1, ge=1, description="Upper bound on engine replicas.")
+    target_waiting_per_replica: float = Field(
+        2.0, gt=0, description="Waiting (queued) requests per replica above which a replica is added."
+    )
+    kv_cache_threshold: float = Field(
+        0.8, gt=0, le=1, description="KV-cache usage (0-1) on any replica above which a replica is added."
+    )
+    downscale_cooldown_s: float = Field(
+        300.0, ge=0, description="Load must stay low this long before a replica is removed."
+    )
+    downscale_step_s: float = Field(
+        60.0, ge=0, description="At most one replica is removed per this many seconds."
+    )
 
     @model_validator(mode="after")
     def _order(self):
@@ -27,18 +64,92 @@ class AutoscalingSpec(StrictModel):
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
 
+    def floor(self, slo: SLOSpec | None) -> int:
+        """The warm floor: explicit min_replicas, else 1 with an SLO and 0 without."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        return 1 if slo is not None else 0
+
+
+class RateLimitSpec(StrictModel):
+    """Per-API-key token bucket, enforced in each ingress replica."""
+
+    requests_per_minute: float = Field(600, gt=0, description="Sustained requests per minute per key.")
+    burst: int = Field(60, ge=1, description="Requests a key may send at once before being limited.")
+
 
 class OnlineInferenceSpec(SpecBase):
-    """A served model (``kind: OnlineInference``)."""
+    """A served model (``kind: OnlineInference``): ray.serve.llm + vLLM behind raylane's ingress."""
 
     kind: Literal["OnlineInference"] = "OnlineInference"
     model: str = Field(description="Model folder, 'tiny', or registry alias models:/name@alias.")
     model_id: str | None = Field(None, description="Name clients send as 'model'; default = spec name.")
-    adapters: list[str] = Field(default_factory=list, description="LoRA adapters (registry names or folders).")
-    max_model_len: int = Field(2048, ge=16)
-    tensor_parallel_size: int = Field(1, ge=1)
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters served multiplexed as model='<model_id>:<key>': key -> adapter folder or "
+        "registry alias models:/name@alias.",
+    )
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank among the adapters.")
+    max_adapters_per_replica: int = Field(4, ge=1, description="Adapters kept loaded per engine replica.")
+    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + completion) in tokens.")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Largest max_tokens a request may ask for; None = max_model_len."
+    )
+    dtype: str = Field("auto", description="Weights dtype for vLLM ('auto', 'bfloat16', 'float16', 'float32').")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences a replica decodes concurrently.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache across requests sharing a prefix.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (or CPU bundles) one replica spans.")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = Field(
+        None, description="Placement group strategy for a replica's bundles; None = PACK (STRICT_PACK with TP>1)."
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM as is.")
-    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
-    slo: SLOSpec | None = None
-    auth: Literal["api-key", "none"] = "api-key"
-    port: int = Field(8000, ge=1, le=65535)
+    stream_batching_interval_ms: float = Field(
+        20, ge=0, description="After the first streamed chunk (sent at once), batch chunks for this long "
+        "between engine replica and ingress: fewer messages, more throughput (0 = send each chunk)."
+    )
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica autoscaling policy.")
+    slo: SLOSpec | None = Field(None, description="Latency targets; with one, a warm replica is kept.")
+    auth: Literal["api-key", "none"] = Field(
+        "api-key",
+        description="'api-key': Bearer keys from $RAYLANE_API_KEYS or the file $RAYLANE_API_KEYS_FILE. "
+        "'none': open endpoint.",
+    )
+    rate_limit: RateLimitSpec | None = Field(
+        default_factory=RateLimitSpec, description="Per-key request rate limit; null disables it."
+    )
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds for `raylane run`.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port for `raylane run`.")
+
+    @property
+    def served_model_id(self) -> str:
+        return self.model_id or self.name
+
+    @property
+    def request_max_tokens(self) -> int:
+        return self.max_tokens_limit or self.max_model_len
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not ADAPTER_NAME_RE.match(k)]
+        if bad:
+            raise ValueError(f"adapter names {bad} must be letters, digits, '_', '.', '-' (they become model ids)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        owned = sorted(k for k in self.engine_kwargs if k in OWNED_ENGINE_KEYS)
+        if owned:
+            problems.append(
+                "engine_kwargs repeats settings the spec has as fields: "
+                + ", ".join(f"{k} (use '{OWNED_ENGINE_KEYS[k]}')" for k in owned)
+            )
+        if self.max_tokens_limit and self.max_tokens_limit >= self.max_model_len:
+            problems.append(f"max_tokens_limit ({self.max_tokens_limit}) must be below max_model_len ({self.max_model_len})")
+        if ":" in self.served_model_id:
+            problems.append("model_id must not contain ':' (it separates the base model from an adapter)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

