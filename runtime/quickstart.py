@@ -9,6 +9,7 @@ did, printed as it finishes. A failing stage stops the quickstart with its error
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,9 +59,28 @@ def stage_generate(ctx: QuickstartContext) -> dict:
             "load_seconds": r.load_seconds, "generate_seconds": r.generate_seconds}
 
 
+def _lazy(target: str) -> Callable[[QuickstartContext], dict]:
+    """A stage by import path, so importing this module loads no shape's code."""
+
+    def call(ctx: QuickstartContext) -> dict:
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)(ctx)
+
+    call.__name__ = target
+    return call
+
+
 STAGES: list[tuple[str, str, Callable[[QuickstartContext], dict]]] = [
     ("tiny-model", "write the embedded tiny Llama", stage_tiny_model),
     ("generate", "generate with vLLM in a Ray actor", stage_generate),
+    ("train", "tiny training, a LoRA fine-tune, the eval gate and registration (Ray Train, MLflow)",
+     _lazy("runtime.training.quickstart:stage_train_finetune")),
+    ("batch", "batch inference over a sample corpus, then verify the output",
+     _lazy("runtime.batch.quickstart:stage_batch")),
+    ("serve", "serve the model with the fine-tuned adapter on Ray Serve and stream one chat reply",
+     _lazy("runtime.serving.quickstart:stage_serve")),
+    ("agent", "an agent session with a calculator and retrieval over the sample corpus",
+     _lazy("runtime.agents.quickstart:stage_agent")),
 ]
 
 

@@ -36,14 +36,26 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray cluster (4 logical CPUs) shared by the integration tests of a session."""
+    """A local Ray cluster (4 logical CPUs) shared by the integration tests of a module."""
     from runtime.ray_env import init_ray, shutdown_ray
 
     info = init_ray(None)
     yield info
     shutdown_ray()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_behind():
+    """Each module leaves no Ray cluster running in the test process, so the next module's
+    subprocesses (raylane run, jobs.*) never share the machine with a forgotten cluster."""
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
