@@ -29,7 +29,6 @@ _EXPORTS = {
     "init_ray": "runtime.ray_env",
     "ray_session": "runtime.ray_env",
     "shutdown_ray": "runtime.ray_env",
-    "generate": "runtime.generate",
     "run_training": "runtime.training",
     "run_finetune": "runtime.training",
     "run_batch": "runtime.batch",

@@ -48,17 +48,6 @@ def stage_tiny_model(ctx: QuickstartContext) -> dict:
     return {"model": str(ctx.model_dir), "fingerprint": model_fingerprint(ctx.model_dir)}
 
 
-def stage_generate(ctx: QuickstartContext) -> dict:
-    from runtime.generate import generate
-
-    prompts = ["Ray runs", "The quick brown fox"]
-    r = generate(str(ctx.model_dir), prompts, max_tokens=16)
-    for p, o in zip(r.prompts, r.outputs):
-        _log(f"  {p!r} -> {o!r}")
-    return {"engine": "vllm", "device": r.device, "prompts": len(prompts), "output_tokens": r.output_tokens,
-            "load_seconds": r.load_seconds, "generate_seconds": r.generate_seconds}
-
-
 def _lazy(target: str) -> Callable[[QuickstartContext], dict]:
     """A stage by import path, so importing this module loads no shape's code."""
 
@@ -72,7 +61,6 @@ def _lazy(target: str) -> Callable[[QuickstartContext], dict]:
 
 STAGES: list[tuple[str, str, Callable[[QuickstartContext], dict]]] = [
     ("tiny-model", "write the embedded tiny Llama", stage_tiny_model),
-    ("generate", "generate with vLLM in a Ray actor", stage_generate),
     ("train", "tiny training, a LoRA fine-tune, the eval gate and registration (Ray Train, MLflow)",
      _lazy("runtime.training.quickstart:stage_train_finetune")),
     ("batch", "batch inference over a sample corpus, then verify the output",

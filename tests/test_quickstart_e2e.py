@@ -16,20 +16,16 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout)  # exactly one JSON object on stdout, whatever Ray and vLLM print
     stages = {s["stage"]: s for s in out["stages"]}
-    assert list(stages)[:2] == ["tiny-model", "generate"]
     assert (tmp_path / "qs" / "models" / "tiny-llama" / "model.safetensors").is_file()
 
-    gen = stages["generate"]
-    assert gen["engine"] == "vllm" and gen["device"] == "cpu"
-    assert gen["output_tokens"] == 2 * 16  # two prompts, 16 greedy tokens each, eos ignored
-
-    assert list(stages) == ["tiny-model", "generate", "train", "batch", "serve", "agent", "kuberay"]
+    assert list(stages) == ["tiny-model", "train", "batch", "serve", "agent", "kuberay"]
     train = stages["train"]
     assert train["training"]["final_step"] == 20 and train["finetune"]["final_step"] == 30
     assert train["finetune"]["registry"]["version"] and train["finetune"]["adapter"]
 
     batch = stages["batch"]
     assert batch["verified"] and batch["rows_in"] == batch["rows_out"] + batch["rows_error"] == 200
+    assert batch["rows_out"] > 0 and batch["tokens_per_s"] > 0  # real vLLM generation on the tiny model
 
     assert batch["adapter"] == train["finetune"]["adapter"]  # the fine-tuned adapter did the batch
 
