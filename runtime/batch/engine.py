@@ -110,7 +110,7 @@ def build_processor(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str |
     from ray.data.llm import build_processor as build
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from runtime.generate import engine_runtime_env
+    from runtime.vllm_env import engine_runtime_env
 
     res = spec.resources
     bundle: dict[str, float] = {"CPU": res.cpus_per_worker}

@@ -102,7 +102,7 @@ def test_drift_check_reports_without_fine_tuning_when_healthy(finetuned, ray_loc
 def test_adapter_changes_vllm_output(finetuned, ray_local):
     import ray
 
-    from runtime.generate import engine_runtime_env
+    from runtime.vllm_env import engine_runtime_env
     from tests.training.train_hooks import generate_with_and_without_lora
 
     _, out = finetuned
