@@ -56,3 +56,5 @@ def stage_serve(ctx) -> dict:
                 "ready_seconds": served.ready_seconds}
     finally:
         serve.delete(spec.name)
+        # Serve keeps its HTTP options (the port) until it shuts down; later stages start their own.
+        serve.shutdown()
