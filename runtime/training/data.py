@@ -11,6 +11,7 @@ after a resume, which is what makes the step count exact and the loss curve cont
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -63,7 +64,7 @@ def read_rows(data) -> list[dict]:
             if not raw.strip():
                 continue
             try:
-                rows += pajson.read_json(__import__("io").BytesIO(raw)).to_pylist()
+                rows += pajson.read_json(io.BytesIO(raw)).to_pylist()
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 # pyarrow rejects ragged nested rows (chat messages); the json module does not
                 rows += [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
