@@ -27,6 +27,9 @@ from tests.conftest import EXAMPLES, ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 STEPS = 60
+# The kill tests pace their steps: the victim must be caught after a committed checkpoint and before the
+# last step, and Ray Train's controller registers checkpoints on its own polling cadence.
+PACED = "tests.training.train_hooks:paced_causal_lm"
 
 
 def _spec_dict(root: Path, name: str, **train) -> dict:
@@ -97,7 +100,7 @@ def test_killed_worker_resumes_with_exact_steps(tmp_path, reference):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    r = _run(_spec_dict(tmp_path, "killed"))
+    r = _run(_spec_dict(tmp_path, "killed", step_fn=PACED))
     t.join(timeout=5)
     assert killed, "the worker was never killed"
     assert r.restarts == 1
@@ -110,7 +113,7 @@ def test_killed_worker_resumes_with_exact_steps(tmp_path, reference):
 @pytest.mark.timeout(600)
 def test_restarted_driver_resumes(tmp_path, reference):
     spec_path = tmp_path / "train.yaml"
-    spec_path.write_text(yaml.safe_dump(_spec_dict(tmp_path, "driver")))
+    spec_path.write_text(yaml.safe_dump(_spec_dict(tmp_path, "driver", step_fn=PACED)))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--spec", str(spec_path)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -120,7 +123,7 @@ def test_restarted_driver_resumes(tmp_path, reference):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    r = _run(_spec_dict(tmp_path, "driver"))
+    r = _run(_spec_dict(tmp_path, "driver", step_fn=PACED))
     # uploads are async: the newest committed checkpoint may be behind what the worker reported
     assert r.resumed_from_step is not None and r.resumed_from_step >= 10
     assert r.final_step == STEPS and len(r.loss_history) == STEPS and r.restarts == 0

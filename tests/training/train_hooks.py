@@ -1,6 +1,15 @@
 """Import-path hooks the training tests hand to Ray Train workers (``train.step_fn``, ``eval.metric``)."""
 
 
+def paced_causal_lm(model, batch, step):
+    """The default causal-LM loss, at most ~5 steps/s: the kill tests need a window between the first
+    committed checkpoint and the last step that does not depend on how fast the machine is."""
+    import time
+
+    time.sleep(0.2)
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
 def nan_from_step_6(model, batch, step):
     """Causal-LM loss that turns NaN at the 6th step (0-based step 5): a real divergence, on cue."""
     loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
