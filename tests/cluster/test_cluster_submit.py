@@ -158,6 +158,36 @@ def test_submit_success_and_failure(ray_head, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_job_submit_runs_the_finetune_example(ray_head, tmp_path):
+    """The command examples/finetune.yaml documents, run with Ray's own CLI from the project root:
+    ``ray job submit --working-dir . -- python -m jobs.finetune --spec examples/finetune.yaml``."""
+    from runtime.registry import Registry
+
+    storage = tmp_path / "storage"
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", ".",
+           "--runtime-env-json", json.dumps({"env_vars": {"RAYLANE_STORAGE_ROOT": str(storage)}}),
+           "--", "python", "-m", "jobs.finetune", "--spec", "examples/finetune.yaml"]
+    # The head runs with Ray 2.60's token auth; the suite's in-process clusters turn it off.
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=840)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "succeeded" in r.stdout.lower(), r.stdout[-2000:]
+    # The job's result JSON, as the job printed it (ray job submit follows the job's logs).
+    lines = r.stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.strip() == "{")
+    end = next(i for i in range(start, len(lines)) if lines[i].strip() == "}")
+    result = json.loads("\n".join(lines[start:end + 1]))
+    assert result["final_step"] == result["total_steps"] == 40 and result["restarts"] == 0
+    assert result["registry"]["name"] == "support-lora" and result["registry"]["alias"] == "champion"
+    # Everything landed under the storage root the job was given, not in the uploaded working dir.
+    assert Path(result["model_dir"]).is_relative_to(storage)
+    assert (Path(result["model_dir"]) / "adapter_config.json").is_file()
+    assert [v.aliases for v in Registry(str(storage)).list("support-lora")] == [["champion"]]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_submit_without_token_is_a_clear_error(ray_head, tmp_path):
     env = {
