@@ -5,108 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run_cli
 
+from tests.ray_head import VENV_BIN
+from tests.ray_head import ray_head as start_head
+
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_of_session(temp_dir: str) -> set[int]:
-    """Processes of this cluster only: their command line names our temp dir (plus their children)."""
-    procs: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        procs[int(entry.name)] = (ppid, cmd)
-    ours = {pid for pid, (_, cmd) in procs.items() if temp_dir in cmd}
-    grew = True
-    while grew:
-        kids = {pid for pid, (ppid, _) in procs.items() if ppid in ours} - ours
-        ours |= kids
-        grew = bool(kids)
-    return ours
-
-
-def _stop(temp_dir: str) -> None:
-    pids = _pids_of_session(temp_dir)
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.5)
-        pids = {p for p in pids if Path(f"/proc/{p}").exists()}
-        if not pids:
-            return
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    temp_dir = str(tmp_path_factory.mktemp("rayhead"))
-    dash = _free_port()
-    ports = {
-        flag: _free_port()
-        for flag in (
-            "--port",
-            "--ray-client-server-port",
-            "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port",
-            "--metrics-export-port",
-            "--runtime-env-agent-port",
-            "--node-manager-port",
-            "--object-manager-port",
-        )
-    }
-    cmd = [
-        str(VENV_BIN / "ray"),
-        "start",
-        "--head",
-        "--num-cpus",
-        "2",
-        "--temp-dir",
-        temp_dir,
-        "--dashboard-port",
-        str(dash),
-        "--include-dashboard",
-        "true",
-        "--disable-usage-stats",
-        "--object-store-memory",
-        str(256 * 2**20),
-    ]
-    for flag, port in ports.items():
-        cmd += [flag, str(port)]
-    # The job driver runs `python -m jobs...` from PATH: the project's venv, as on a real head image.
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-        assert r.returncode == 0, r.stderr[-3000:]
-        yield f"http://127.0.0.1:{dash}"
-    finally:
-        _stop(temp_dir)
+    with start_head(str(tmp_path_factory.mktemp("rayhead"))) as head:
+        yield head.dashboard_url
 
 
 def _train_spec(tmp_path: Path, name: str, data: str) -> Path:

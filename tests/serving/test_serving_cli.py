@@ -89,3 +89,51 @@ def test_raylane_run_serves_until_interrupted(tmp_path, tiny_model):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_serve_run_serves_the_example_spec(tmp_path):
+    """`serve run serve_apps.llm:app spec=examples/serve.yaml`, Ray Serve's own CLI, against a
+    running head node (4 logical CPUs: ray.serve.llm's ingress needs one of its own)."""
+    import socket
+    import tempfile
+
+    from tests.ray_head import VENV_BIN, head_env
+    from tests.ray_head import ray_head as start_head
+
+    # Ray's socket paths under the temp dir must stay under 108 bytes: not pytest's long tmp_path.
+    with start_head(tempfile.mkdtemp(prefix="raylane-head-"), num_cpus=4) as head:
+        env = {**head_env(), "RAY_AUTH_MODE": "token", "RAYLANE_API_KEYS": "serve-run-key",
+               "RAYLANE_STORAGE_ROOT": str(tmp_path / "store")}
+        port = 8000  # `serve run` starts Serve with its default HTTP options
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "port 8000 is taken; serve run needs it"
+        proc = subprocess.Popen([str(VENV_BIN / "serve"), "run", "--address", head.gcs_address,
+                                 "serve_apps.llm:app", "spec=examples/serve.yaml"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        tail: list[str] = []
+        threading.Thread(target=lambda: [tail.append(ln) for ln in proc.stderr], daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{port}"
+            body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+            deadline, r = time.monotonic() + 600, None
+            with httpx.Client(base_url=url, timeout=60) as c:
+                while time.monotonic() < deadline and proc.poll() is None:
+                    try:
+                        r = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer serve-run-key"})
+                        if r.status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(2)
+                assert r is not None and r.status_code == 200, (proc.poll(), "".join(tail[-40:]))
+                assert r.json()["choices"][0]["message"]["role"] == "assistant"
+                assert c.post("/v1/chat/completions", json=body).status_code == 401
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
