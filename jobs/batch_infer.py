@@ -9,10 +9,9 @@ exits 1 if the output is incomplete, 2 on a bad spec.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from runtime.errors import RaylaneError
+from jobs._common import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,16 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True, help="path to a BatchInference spec YAML")
     p.add_argument("--address", default=None, help="Ray address; default $RAY_ADDRESS or a local cluster")
     args = p.parse_args(argv)
-    try:
+
+    def run():
         from runtime.batch import run_batch
         from runtime.specs import load_spec
 
-        result = run_batch(load_spec(args.spec), address=args.address)
-    except RaylaneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps(result.to_dict(), indent=2))
-    return 0 if result.ok else 1
+        return run_batch(load_spec(args.spec), address=args.address)
+
+    return run_job(run)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ degraded, action, finetune); exits 2 on a bad spec.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from runtime.errors import RaylaneError
+from jobs._common import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,17 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--submit-to", default=None, help="Ray dashboard URL to submit the fine-tune job to")
     p.add_argument("--dry-run", action="store_true", help="evaluate and report only; never fine-tune")
     args = p.parse_args(argv)
-    try:
+
+    def run():
         from runtime.specs import load_spec
         from runtime.training import check_drift
 
-        result = check_drift(load_spec(args.spec), address=args.submit_to or args.address,
-                             submit=not args.dry_run, spec_path=args.spec)
-    except RaylaneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps(result.to_dict(), indent=2))
-    return 0 if result.ok else 1
+        return check_drift(load_spec(args.spec), address=args.submit_to or args.address,
+                           submit=not args.dry_run, spec_path=args.spec)
+
+    return run_job(run)
 
 
 if __name__ == "__main__":
