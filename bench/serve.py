@@ -157,7 +157,7 @@ def bench_bare(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list
 
 
 def bench_raylane(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list[tuple[int, int]],
-                  max_tokens: int, stream_batching_ms: float):
+                  max_tokens: int):
     from ray import serve
 
     from runtime.ray_env import shutdown_ray
@@ -168,7 +168,7 @@ def bench_raylane(model_dir: str, max_model_len: int, max_num_seqs: int, runs: l
     spec = parse_spec({
         "kind": "OnlineInference", "name": "bench", "model": model_dir, "model_id": "tiny",
         "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
-        "stream_batching_interval_ms": stream_batching_ms, "rate_limit": None,
+        "rate_limit": None,
         "slo": {"ttft_ms_p95": 100},
     })
     result = start_serving(spec, port=0)
@@ -204,7 +204,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--stream-batching-ms", type=float, default=0.0)
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     a = p.parse_args(argv)
     runs = [(c, a.requests or max(48, 24 * c)) for c in a.concurrency]
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
 
     model_dir = str(write_tiny_model(Path(os.environ.get("RAYLANE_BENCH_DIR", "/tmp/raylane-bench")) / "tiny", seed=0))
     bare = bench_bare(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens)
-    ours = bench_raylane(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens, a.stream_batching_ms)
+    ours = bench_raylane(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens)
     if a.json:
         print(json.dumps({"bare": [r.summary() for r in bare], "raylane": [r.summary() for r in ours]}, indent=1))
     print(f"\n{a.max_tokens}-token streaming completions, tiny Llama, {os.cpu_count()} cores\n")

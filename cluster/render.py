@@ -37,6 +37,7 @@ from cluster.weights import (
     with_local_model,
 )
 from runtime.errors import ManifestInvalid, RaylaneError
+from runtime.serving.config import SERVE_CLUSTER_ENV
 from runtime.specs import dump_spec
 from runtime.submit import job_module
 
@@ -271,6 +272,8 @@ def _raycronjob(spec, run_spec, extras, labels, ns) -> dict[str, Any]:
 def _rayservice(spec, run_spec, extras, labels, ns, serve_config) -> dict[str, Any]:
     config = serve_config if serve_config is not None else serve_config_for(run_spec)
     extras.serve_port = int((config.get("http_options") or {}).get("port", 8000))
+    # Every node runs Serve's HAProxy in front of the replicas (see runtime.serving.app).
+    extras.env.extend({"name": k, "value": v} for k, v in SERVE_CLUSTER_ENV.items())
     svc: dict[str, Any] = {
         "serveConfigV2": yaml.safe_dump(config, sort_keys=False),
         "upgradeStrategy": {"type": spec.kubernetes.upgrade_strategy},

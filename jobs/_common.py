@@ -23,6 +23,17 @@ def run_job(fn: Callable[[], Any]) -> int:
     return 0 if result.ok else 1
 
 
+def load_spec_of_kind(path: str, kind: str, module: str):
+    """The spec at ``path``; a UsageError (exit 2) when it is not a ``kind`` spec."""
+    from runtime.specs import load_spec
+
+    spec = load_spec(path)
+    if spec.kind != kind:
+        raise UsageError(f"{path} is a {spec.kind} spec; {module} runs {kind} specs",
+                         hint="use python -m jobs.<shape> for that kind, or `raylane run`")
+    return spec
+
+
 def training_main(argv: list[str] | None, *, module: str, kind: str, runner: str, doc: str) -> int:
     """``python -m jobs.train`` and ``jobs.finetune``: the same flags, resume and result for a
     Training or FineTune spec; ``runner`` names the function in ``runtime.training``."""
@@ -35,12 +46,8 @@ def training_main(argv: list[str] | None, *, module: str, kind: str, runner: str
 
     def run():
         import runtime.training
-        from runtime.specs import load_spec
 
-        spec = load_spec(args.spec)
-        if spec.kind != kind:
-            raise UsageError(f"{args.spec} is a {spec.kind} spec; {module} runs {kind} specs",
-                             hint="use python -m jobs.<shape> for that kind, or `raylane run`")
+        spec = load_spec_of_kind(args.spec, kind, module)
         if args.run_name:
             spec = spec.model_copy(update={"name": args.run_name, "registry": spec.registry.model_copy(
                 update={"model_name": spec.registered_name()})})

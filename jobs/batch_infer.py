@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import run_job
+from jobs._common import load_spec_of_kind, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run():
         from runtime.batch import run_batch
-        from runtime.specs import load_spec
 
-        return run_batch(load_spec(args.spec), address=args.address)
+        return run_batch(load_spec_of_kind(args.spec, "BatchInference", "jobs.batch_infer"), address=args.address)
 
     return run_job(run)
 

@@ -19,8 +19,9 @@ def to_jsonable(result: Any) -> Any:
 
 @contextlib.contextmanager
 def json_stdout(enabled: bool) -> Iterator[callable]:
-    """Route fd 1 to stderr while the command runs, so Ray's and vLLM's prints (even from
-    child processes) cannot corrupt the JSON; yields ``emit(obj)`` that writes the real stdout."""
+    """Route fd 1 to stderr for the rest of the process, so Ray's and vLLM's prints (even from
+    child processes, and Ray's log relay at interpreter exit) cannot corrupt the JSON; yields
+    ``emit(obj)`` that writes the real stdout, whose only content is that one object."""
     if not enabled:
         yield lambda obj: print(json.dumps(to_jsonable(obj), indent=2, default=str))
         return
@@ -32,7 +33,6 @@ def json_stdout(enabled: bool) -> Iterator[callable]:
         yield lambda obj: (out.write(json.dumps(to_jsonable(obj), default=str) + "\n"), out.flush())
     finally:
         sys.stdout.flush()
-        os.dup2(saved, 1)
         os.close(saved)
         out.close()
 

@@ -87,6 +87,12 @@ def init_ray(
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
     if target is None:
+        from runtime.serving.config import SERVE_CLUSTER_ENV
+
+        # A local cluster's processes inherit this environment; an explicit value wins (set
+        # RAY_SERVE_ENABLE_HA_PROXY=0 to keep Serve's Python proxy).
+        for k, v in SERVE_CLUSTER_ENV.items():
+            os.environ.setdefault(k, v)
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         # A small object store by default: a laptop shares its memory with vLLM and Ray Train.
         kwargs.update(address="local", num_cpus=cpus, object_store_memory=object_store_mb * 2**20)

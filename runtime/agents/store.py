@@ -46,7 +46,7 @@ class SQLiteStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
@@ -64,6 +64,19 @@ class SQLiteStore:
 
     def list_ids(self) -> list[str]:
         return [r[0] for r in self._conn().execute("SELECT id FROM sessions ORDER BY updated")]
+
+
+def _enable_wal(conn: sqlite3.Connection, attempts: int = 100) -> None:
+    """Switching a new file to WAL takes an exclusive lock and SQLite does not wait for it (the
+    busy timeout does not apply): session actors opening the store at once retry here."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 + 0.01 * attempt)
 
 
 class RedisStore:

@@ -1,6 +1,12 @@
-"""The online-inference Serve application: ``ray.serve.llm`` (OpenAI ingress -> vLLM replicas)
-with raylane's guard (API keys, rate limit, request validation, request ids) inside the ingress
-replica and engine metrics feeding the queue-depth autoscaler.
+"""The online-inference Serve application: ``ray.serve.llm``'s direct-streaming shape, where each
+engine replica is its own HTTP ingress serving vLLM's OpenAI app, with raylane's guard (API keys,
+rate limit, request validation, request ids) as the outermost middleware of that app and engine
+metrics feeding the queue-depth autoscaler.
+
+Request path: client -> HAProxy (``RAY_SERVE_ENABLE_HA_PROXY=1``, set by ``runtime.ray_env`` for
+local clusters and by the KubeRay manifests) -> the replica's own HTTP port -> guard -> vLLM. No
+Ray hop carries a token. Without HAProxy, Serve's Python proxy forwards to the same replica app
+(one Ray hop), so the app is correct on any Serve cluster, only slower.
 
 >>> from runtime.specs import load_spec
 >>> from runtime.serving.app import build_app
@@ -19,8 +25,7 @@ from typing import Any
 
 from ray import serve
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+from ray.llm._internal.serve.core.server.llm_server import _add_middleware_to_built_app
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
@@ -126,24 +131,50 @@ def _resolve_adapter(ref: str, storage_root: str, name: str) -> str:
 
 
 class RaylaneLLMServer(LLMServer):
-    """``LLMServer`` that reports engine queue depth and KV-cache usage to Serve's autoscaler
-    and loads LoRA adapters from local folders or the registry."""
+    """``LLMServer`` serving vLLM's OpenAI app behind raylane's guard; it reports engine queue
+    depth and KV-cache usage to Serve's autoscaler and loads LoRA adapters from local folders or
+    the registry."""
 
-    async def __init__(self, llm_config, *, adapters: dict[str, str] | None = None, storage_root: str = "",
-                       **kwargs):
+    async def __init__(self, llm_config, *, spec: dict[str, Any], adapters: dict[str, str] | None = None,
+                       storage_root: str = "", **kwargs):
         import asyncio
 
+        if spec.get("auth", "api-key") == "api-key":
+            load_api_keys()  # raises AuthNotConfigured: the replica fails instead of serving openly
+        self._spec = spec
         self._resolver = AdapterResolver(adapters, storage_root) if adapters else None
         self._lora_lock = asyncio.Lock()
         if self._resolver:
             kwargs["model_downloader"] = functools.partial(AdapterLoader, self._resolver)
         await super().__init__(llm_config, **kwargs)
 
+    async def __serve_build_asgi_app__(self):
+        app = await super().__serve_build_asgi_app__()
+        # Added last, so outermost: auth and rate limit run before anything parses the body.
+        _add_middleware_to_built_app(app, RaylaneGuard, spec=self._spec, prepare=self._prepare_request,
+                                     unavailable=self._engine_dead)
+        return app
+
+    def _engine_dead(self) -> bool:
+        """vLLM's engine process is gone (OOM kill, crash): this replica can only fail until Serve's
+        health check replaces it, so its requests get 503 "retry" at once."""
+        client = getattr(self.engine, "_engine_client", None)
+        return bool(getattr(client, "errored", False))
+
+    async def _prepare_request(self, path: str, body: Any) -> None:
+        """Load the adapter a request names (``model="base:adapter"``) before vLLM sees it."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if self._resolver is not None and isinstance(model, str) and ":" in model:
+            await self._ensure_adapter(model)
+
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         model_id = serve.get_multiplexed_model_id()
         if not model_id or self._resolver is None:
             return await super()._maybe_resolve_lora_from_multiplex()
-        await self._load_model(model_id)  # Serve's multiplexing bookkeeping (routing affinity, LRU)
+        await self._ensure_adapter(model_id)
+
+    async def _ensure_adapter(self, model_id: str) -> None:
+        await self._load_model(model_id)  # Serve's multiplexing bookkeeping (LRU per replica)
         path = await self._resolver.path(model_id)
         models = self.engine._oai_models
         loaded = models.lora_requests.get(model_id)
@@ -151,7 +182,9 @@ class RaylaneLLMServer(LLMServer):
             return
         async with self._lora_lock:
             loaded = models.lora_requests.get(model_id)
-            if loaded is not None and loaded.lora_path != path:
+            if loaded is not None and loaded.lora_path == path:
+                return
+            if loaded is not None:
                 # The alias moved (a new champion): swap the adapter under the same model id.
                 from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
@@ -168,7 +201,7 @@ class RaylaneLLMServer(LLMServer):
             manager.stat_loggers.append(self._stats)
 
     def _batch_output_stream(self, generator):
-        # First chunk at once, the rest batched (see runtime.serving.streaming).
+        # Deployment-handle callers (not HTTP): first chunk at once, the rest batched.
         return first_then_batched(generator, (self._get_batch_interval_ms() or 0) / 1000)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -177,23 +210,15 @@ class RaylaneLLMServer(LLMServer):
 
 
 class RaylaneGuard(GuardMiddleware):
-    """``GuardMiddleware`` configured from the spec; built inside the ingress replica, so keys
-    are read from that process's environment (e.g. a Kubernetes secret), never shipped in config."""
+    """``GuardMiddleware`` configured from the spec; built inside the replica, so keys are read
+    from that process's environment (e.g. a Kubernetes secret), never shipped in config."""
 
-    def __init__(self, app, spec: dict[str, Any]):
+    def __init__(self, app, spec: dict[str, Any], prepare=None, unavailable=None):
         keys = KeySource() if spec.get("auth", "api-key") == "api-key" else None
         rl = spec.get("rate_limit")
         limiter = RateLimiter(rl["requests_per_minute"], rl["burst"]) if rl else None
-        super().__init__(app, keys=keys, limiter=limiter, validate_body=request_validator(spec))
-
-
-class RaylaneIngress(OpenAiIngress):
-    """The OpenAI ingress, refusing to start when api-key auth has no keys."""
-
-    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, spec: dict[str, Any]):
-        if spec.get("auth", "api-key") == "api-key":
-            load_api_keys()  # raises AuthNotConfigured: the deployment fails instead of serving openly
-        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        super().__init__(app, keys=keys, limiter=limiter, validate_body=request_validator(spec), prepare=prepare,
+                         unavailable=unavailable)
 
 
 def build_app(spec):
@@ -206,25 +231,18 @@ def build_app(spec):
     model_source = resolve_model(spec.model, spec.storage.root)
     for name, ref in spec.adapters.items():
         _resolve_adapter(ref, spec.storage.root, name)  # fail here, not on the first request
-    llm = LLMConfig(**cfg.llm_config(spec, model_source))
-    spec_dict = dump_spec(spec)
-
-    app = init()
-    # Added last, so outermost: auth and rate limit run before anything parses the body.
-    app.add_middleware(RaylaneGuard, spec=spec_dict)
-    ingress_cls = make_fastapi_ingress(RaylaneIngress, app=app)
-    ingress_options = cfg.ingress_deployment_config(spec)
+    options = cfg.llm_config(spec, model_source)
     if spec.auth == "api-key":
-        # The ingress replica reads keys from its own environment. Ray workers inherit the
-        # cluster's environment, not this process's: forward where the keys come from (prefer
+        # Each replica reads keys from its own environment. Ray workers inherit the cluster's
+        # environment, not this process's: forward where the keys come from (prefer
         # RAYLANE_API_KEYS_FILE on shared clusters: only its path travels, never a key).
-        env = {k: os.environ[k] for k in (ENV_KEYS_FILE, ENV_KEYS) if os.environ.get(k)}
-        ingress_options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
-    server = build_llm_deployment(
-        llm, bind_kwargs={"adapters": dict(spec.adapters), "storage_root": spec.storage.root} if spec.adapters else None
-    )
-    return serve.deployment(ingress_cls, name="OpenAiIngress", **ingress_options).bind(
-        llm_deployments={llm.model_id: server},
-        model_cards={llm.model_id: to_model_metadata(llm.model_id, llm)},
-        spec=spec_dict,
-    )
+        options["runtime_env"]["env_vars"].update(
+            {k: os.environ[k] for k in (ENV_KEYS_FILE, ENV_KEYS) if os.environ.get(k)})
+    llm = LLMConfig(**options)
+    bind = {"spec": dump_spec(spec)}
+    if spec.adapters:
+        bind.update(adapters=dict(spec.adapters), storage_root=spec.storage.root)
+    # The engine replica is the ingress (ray.serve.llm's direct streaming, whose late-bound ASGI
+    # app is vLLM's). No ingress request router and Serve's default replica router: HAProxy
+    # balances over the replicas with its own algorithm, and every replica can load any adapter.
+    return build_llm_deployment(llm, bind_kwargs=bind, deployment_cls=serve.ingress()(RaylaneLLMServer))

@@ -15,6 +15,7 @@ secret). The file is re-read when it changes, so rotating the secret needs no re
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -126,6 +127,8 @@ class HTTPError(Exception):
 
 # A validator sees the parsed JSON body of a POST and raises HTTPError to reject it.
 BodyValidator = Callable[[str, Any], None]
+# Runs after validation, before the app (e.g. load the LoRA adapter the body names); may raise HTTPError.
+BodyHook = Callable[[str, Any], Awaitable[None]]
 
 
 def error_body(status: int, message: str, type_: str, request_id: str, param: str | None = None) -> bytes:
@@ -140,8 +143,9 @@ _REPLICA_GONE = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUna
 
 
 class GuardMiddleware:
-    """ASGI middleware: auth -> rate limit -> body validation -> app; every response gets
-    ``x-request-id``; a 5xx body is replaced by a clean message (503 when the replica died)."""
+    """ASGI middleware: auth -> rate limit -> body validation -> ``prepare`` -> app; every
+    response gets ``x-request-id``; a 5xx body is replaced by a clean message (503 when the
+    engine died)."""
 
     def __init__(
         self,
@@ -150,11 +154,17 @@ class GuardMiddleware:
         keys: KeySource | set[str] | None,
         limiter: RateLimiter | None = None,
         validate_body: BodyValidator | None = None,
+        prepare: BodyHook | None = None,
+        unavailable: Callable[[], bool] | None = None,
     ):
         self.app = app
         self.keys = keys
         self.limiter = limiter
         self.validate_body = validate_body
+        self.prepare = prepare
+        # True once the backend cannot serve (e.g. its engine died): 503 at once, and any 5xx
+        # becomes a 503 "retry" rather than a 500.
+        self.unavailable = unavailable
 
     def _accepted(self) -> set[str] | None:
         if self.keys is None:
@@ -196,6 +206,9 @@ class GuardMiddleware:
                     429, f"rate limit exceeded for this API key; retry after {retry} s", "rate_limit_error",
                     headers={"Retry-After": str(retry)}))
 
+        if self.unavailable is not None and not path.startswith(OPEN_PATHS) and self.unavailable():
+            return await reject(_replica_failed())
+
         if scope.get("method") == "POST" and self.validate_body is not None:
             body = await _read_body(receive)
             if body is None:
@@ -206,8 +219,14 @@ class GuardMiddleware:
                 except ValueError as e:
                     raise HTTPError(400, f"request body is not valid JSON: {e}") from None
                 self.validate_body(path, parsed)
+                if self.prepare is not None:
+                    await self.prepare(path, parsed)
             except HTTPError as e:
                 return await reject(e)
+            except Exception as e:  # noqa: BLE001 - a clean 500, the cause goes to the replica log
+                logging.getLogger(__name__).exception("request %s: preparing the request failed", request_id)
+                return await reject(HTTPError(500, f"internal server error (request id {request_id}): "
+                                                   f"{type(e).__name__}", "internal_error"))
             receive = _replay(body, receive)
 
         await self._call_app(scope, receive, send, request_id, stamp)
@@ -245,8 +264,9 @@ class GuardMiddleware:
     async def _send_clean_5xx(self, send, state, request_id: str):
         text = b"".join(state["chunks"]).decode(errors="replace")
         status = state["held"]["status"]
-        if status == 503 or any(w in text for w in _REPLICA_GONE):
-            status, msg, kind = 503, "the model replica serving this request failed; retry", "service_unavailable"
+        if status == 503 or any(w in text for w in _REPLICA_GONE) or (self.unavailable and self.unavailable()):
+            err = _replica_failed()
+            status, msg, kind = 503, err.message, err.type
             extra = [(b"retry-after", b"1")]
         else:
             msg, kind, extra = "internal server error", "internal_error", []
@@ -254,6 +274,11 @@ class GuardMiddleware:
         state["started"] = True
         await _send_json(send, status, error_body(status, f"{msg} (request id {request_id})", kind, request_id),
                          request_id if state.get("stamp", True) else None, extra)
+
+
+def _replica_failed() -> HTTPError:
+    return HTTPError(503, "the model replica serving this request failed; retry", "service_unavailable",
+                     headers={"Retry-After": "1"})
 
 
 def _client(scope) -> str:

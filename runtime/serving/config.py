@@ -17,11 +17,14 @@ from typing import Any
 from runtime.serving.autoscaling import autoscaling_config
 
 APP_IMPORT_PATH = "serve_apps.llm:build_llm_app"
+# Environment every node of a cluster that serves raylane apps needs (local clusters: set by
+# runtime.ray_env; KubeRay: rendered into the pods). HAProxy fronts each node and forwards HTTP
+# straight to the engine replica's own port (the binary comes with ray[serve] on Linux), so no
+# Ray hop sits between the client and vLLM's OpenAI server.
+SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # Engine replica health: Serve restarts a replica whose check_health fails this long.
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
-# The ingress only parses JSON and forwards; a fraction of a CPU leaves the cores to the engine.
-INGRESS_CPUS = 0.1
 
 
 def build_serve_config(spec) -> dict[str, Any]:
@@ -113,12 +116,3 @@ def llm_config(spec, model_source: str) -> dict[str, Any]:
         cfg["lora_config"] = {"max_num_adapters_per_replica": spec.max_adapters_per_replica}
     return cfg
 
-
-def ingress_deployment_config(spec) -> dict[str, Any]:
-    return {
-        "ray_actor_options": {"num_cpus": INGRESS_CPUS},
-        "max_ongoing_requests": 10_000,
-        # One ingress replica is plenty for a CPU-bound engine fleet; Serve still replaces it if it dies.
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": max(1, spec.autoscaling.max_replicas),
-                               "target_ongoing_requests": 256},
-    }

@@ -105,8 +105,8 @@ class OnlineInferenceSpec(SpecBase):
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM as is.")
     stream_batching_interval_ms: float = Field(
-        20, ge=0, description="After the first streamed chunk (sent at once), batch chunks for this long "
-        "between engine replica and ingress: fewer messages, more throughput (0 = send each chunk)."
+        20, ge=0, description="Streams to Serve deployment-handle callers only (HTTP clients get vLLM's own "
+        "stream): after the first chunk, sent at once, batch chunks for this long (0 = send each chunk)."
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica autoscaling policy.")
     slo: SLOSpec | None = Field(None, description="Latency targets; with one, a warm replica is kept.")

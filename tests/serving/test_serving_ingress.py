@@ -110,6 +110,39 @@ async def test_5xx_never_leaks_a_traceback_and_dead_replica_is_503():
             assert r.status_code == 503 and r.headers["retry-after"] == "1" and "Error" not in r.text
 
 
+@pytest.mark.anyio
+async def test_unavailable_backend_gets_503_before_and_after_the_app():
+    dead = {"now": False}
+    async with client(keys=None, validate_body=lambda path, body: None, unavailable=lambda: dead["now"]) as c:
+        assert (await c.post("/v1/echo", json={"a": 1})).status_code == 200
+        dead["now"] = True
+        r = await c.post("/v1/echo", json={"a": 1})  # refused up front: the app is not called
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "service_unavailable"
+        r = await c.post("/v1/boom", json={})  # a plain 500 from a dead backend is a 503 too
+        assert r.status_code == 503 and "secret" not in r.text
+
+
+@pytest.mark.anyio
+async def test_prepare_hook_runs_after_validation_and_its_errors_are_clean():
+    from runtime.serving.auth import HTTPError
+
+    seen = []
+
+    async def prepare(path, body):
+        seen.append(body["model"])
+        if body["model"] == "tiny:gone":
+            raise HTTPError(404, "model 'tiny:gone' does not exist", "not_found_error", "model")
+        if body["model"] == "tiny:broken":
+            raise OSError("disk detail /secret/path")
+
+    async with client(keys=None, validate_body=lambda path, body: None, prepare=prepare) as c:
+        assert (await c.post("/v1/echo", json={"model": "tiny:support"})).json() == {"got": {"model": "tiny:support"}}
+        assert (await c.post("/v1/echo", json={"model": "tiny:gone"})).status_code == 404
+        r = await c.post("/v1/echo", json={"model": "tiny:broken"})
+        assert r.status_code == 500 and "/secret/path" not in r.text and r.headers["x-request-id"] in r.text
+    assert seen == ["tiny:support", "tiny:gone", "tiny:broken"]
+
+
 def test_key_sources(tmp_path):
     assert load_api_keys({"RAYLANE_API_KEYS": " a, b ,,"}) == {"a", "b"}
     f = tmp_path / "keys"
