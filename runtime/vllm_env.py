@@ -8,11 +8,18 @@ CPU_ENV = {
     # The tiny model needs little KV cache; vLLM CPU's default reserves several GiB.
     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
 }
+# Ray starts worker processes at nice 15 (its `worker_niceness`), and vLLM's engine processes
+# inherit it from the actor that starts them. The engine is the one process that must not yield:
+# at nice 15 any nice-0 process (Ray Data tasks, the driver, HAProxy) takes the core it is bound
+# to. Ray reads this variable when a worker starts; 0 is the raylet's own priority, so no
+# privilege is needed.
+ENGINE_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 
 
 def engine_runtime_env(use_gpu: bool) -> dict:
-    """The Ray runtime_env for an engine worker (CPU engines get a small KV cache)."""
-    return {"env_vars": {} if use_gpu else dict(CPU_ENV)}
+    """The Ray runtime_env for an engine worker: normal CPU priority; CPU engines also get a
+    small KV cache."""
+    return {"env_vars": {**ENGINE_PRIORITY_ENV, **({} if use_gpu else CPU_ENV)}}
 
 
 def request_amx_permission() -> None:

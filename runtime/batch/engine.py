@@ -105,11 +105,16 @@ def engine_kwargs(spec: BatchInferenceSpec, adapter_dir: str | None) -> dict[str
 
 
 def build_processor(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str | None):
-    """A ``ray.data.llm`` vLLM processor: rows {__rl_id, __rl_shard, tokenized_prompt} in,
-    rows {__rl_id, __rl_shard, output, num_*_tokens, error} out."""
+    """A ``ray.data.llm`` vLLM processor with the engine stage only: rows come in already in the
+    processor's data column (``engine_input``) and leave it as they are (``engine_row``).
+
+    No preprocess or postprocess map: the driver has tokenized the prompts and knows the sampling
+    parameters, so those stages would only re-wrap each row, and on a small machine their task
+    workers (dozens of short-lived processes at fractional CPUs) take cores from the engine."""
     from ray.data.llm import build_processor as build
     from ray.data.llm import vLLMEngineProcessorConfig
 
+    from runtime.batch.udf import use_final_outputs
     from runtime.vllm_env import engine_runtime_env
 
     res = spec.resources
@@ -131,35 +136,38 @@ def build_processor(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str |
         should_continue_on_error=True,  # one row's engine error becomes an error row
         log_engine_metrics=False,
     )
+    processor = build(config)
+    use_final_outputs(processor)  # one vLLM output per row, not one per row per step
+    # The processor wraps even absent pre/postprocess functions in identity map stages; rows
+    # arrive already wrapped (engine_input) and leave wrapped (engine_output), so drop both.
+    processor.preprocess = processor.postprocess = None
+    return processor
+
+
+def engine_input(spec: BatchInferenceSpec, adapter_dir: str | None, rows: list[dict]) -> list[dict]:
+    """Rows ``{__rl_id, __rl_shard, tokenized_prompt}`` as the engine stage reads them: inside the
+    processor's data column, with the sampling parameters (and the adapter) each row needs."""
+    from ray.llm._internal.batch.processor.base import Processor
+
     params = sampling_params(spec)
     lora = {"model": adapter_dir} if adapter_dir else {}
+    return [{Processor.DATA_COLUMN: {**row, "sampling_params": dict(params), **lora}} for row in rows]
 
-    def preprocess(row: dict) -> dict:
-        return dict(sampling_params=dict(params), **lora)
 
-    def postprocess(row: dict) -> dict:
-        return {
-            ID: row[ID],
-            SHARD: row[SHARD],
-            "output": row.get("generated_text") or "",
-            "num_input_tokens": int(row.get("num_input_tokens") or 0),
-            "num_output_tokens": int(row.get("num_generated_tokens") or 0),
-            "error": None,
-        }
+def engine_output(batch) -> list[dict]:
+    """The engine stage's output rows (a pyarrow batch) as flat dicts for ``engine_row``."""
+    from ray.llm._internal.batch.processor.base import Processor
 
-    # The row maps are cheap; a whole CPU each would keep them off the cores the engine left idle.
-    light = {"num_cpus": 0.1}
-    return build(config, preprocess=preprocess, postprocess=postprocess,
-                 preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+    return batch.column(Processor.DATA_COLUMN).to_pylist()
 
 
 def engine_row(row: dict) -> dict:
-    """A processor output row as a shard row (engine errors bypass postprocess, so normalise)."""
-    err = row.get("__inference_error__") or row.get("error") or None
+    """An engine stage output row as a shard row."""
+    err = row.get("__inference_error__") or None
     return {
         "id": str(row[ID]),
-        "output": None if err else (row.get("output") or ""),
+        "output": None if err else (row.get("generated_text") or ""),
         "error": f"engine error: {err}" if err else None,
         "num_input_tokens": int(row.get("num_input_tokens") or 0),
-        "num_output_tokens": 0 if err else int(row.get("num_output_tokens") or 0),
+        "num_output_tokens": 0 if err else int(row.get("num_generated_tokens") or 0),
     }

@@ -25,6 +25,8 @@ from runtime.batch.engine import (
     ID,
     SHARD,
     build_processor,
+    engine_input,
+    engine_output,
     engine_row,
     load_tokenizer,
     prepare_prompts,
@@ -171,9 +173,9 @@ def _run_engine(spec, address, model_dir, adapter_dir, rows, buffers, records, m
         processor = build_processor(spec, model_dir, adapter_dir)
         # Blocks of about one engine batch keep shards flowing back in order, so they commit early.
         blocks = max(1, len(rows) // spec.batch_size)
-        ds = processor(ray.data.from_items(rows, override_num_blocks=blocks))
+        ds = processor(ray.data.from_items(engine_input(spec, adapter_dir, rows), override_num_blocks=blocks))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
+            for row in engine_output(batch):
                 i = int(row[SHARD])
                 buf = buffers.get(i)
                 # A retried task (a killed worker) can return a row again: the first copy wins.

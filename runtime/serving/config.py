@@ -81,10 +81,15 @@ def engine_kwargs(spec) -> dict[str, Any]:
 
 
 def engine_env(spec) -> dict[str, str]:
-    if spec.resources.uses_gpu:
-        return {}
-    # vLLM CPU reserves several GiB of KV cache by default; the spec's knob or 1 GiB.
-    return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    """Environment of the engine replica (and the vLLM processes it starts): normal CPU priority
+    (see ``runtime.vllm_env``); on CPU, a KV cache of the spec's size or 1 GiB (vLLM CPU
+    reserves several GiB by default)."""
+    from runtime.vllm_env import ENGINE_PRIORITY_ENV
+
+    env = dict(ENGINE_PRIORITY_ENV)
+    if not spec.resources.uses_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
 
 
 def llm_config(spec, model_source: str) -> dict[str, Any]:

@@ -227,10 +227,10 @@ def test_engine_kwargs_offline_defaults_lora_and_user_overrides(tmp_path: Path):
 def test_engine_rows_and_engine_errors_become_shard_rows():
     from runtime.batch.engine import ID, SHARD, engine_row
 
-    ok = engine_row({ID: "a", SHARD: 0, "output": "hi", "num_input_tokens": 3, "num_output_tokens": 2,
-                     "error": None})
+    ok = engine_row({ID: "a", SHARD: 0, "generated_text": "hi", "num_input_tokens": 3, "num_generated_tokens": 2,
+                     "__inference_error__": ""})
     assert ok == {"id": "a", "output": "hi", "error": None, "num_input_tokens": 3, "num_output_tokens": 2}
-    # should_continue_on_error rows skip the postprocess: they carry the processor's own columns.
+    # should_continue_on_error: a failed row carries the error instead of generated text.
     bad = engine_row({ID: 7, SHARD: 0, "generated_text": "", "num_input_tokens": 0,
                       "__inference_error__": "ValueError: token id 9999 out of vocabulary"})
     assert bad["id"] == "7" and bad["output"] is None
