@@ -235,3 +235,25 @@ def test_engine_rows_and_engine_errors_become_shard_rows():
                       "__inference_error__": "ValueError: token id 9999 out of vocabulary"})
     assert bad["id"] == "7" and bad["output"] is None
     assert bad["error"] == "engine error: ValueError: token id 9999 out of vocabulary"
+
+
+def test_processor_is_the_engine_stage_only_with_final_outputs(tmp_path):
+    """No identity map stages around the engine; the engine stage asks vLLM for final outputs
+    only and keeps the resources ray.data.llm computed (swapping the UDF must not re-validate
+    the stage, which would ask for a GPU)."""
+    from ray.llm._internal.batch.processor.base import Processor
+
+    from runtime.batch.engine import ID, SHARD, build_processor, engine_input, engine_output, sampling_params
+    from runtime.batch.udf import FinalOutputEngineUDF
+
+    spec = _spec()
+    processor = build_processor(spec, str(tmp_path), None)
+    assert processor.preprocess is None and processor.postprocess is None
+    (stage,) = processor.stages.values()
+    assert stage.fn is FinalOutputEngineUDF
+    assert not stage.map_batches_kwargs.get("num_gpus") and stage.map_batches_kwargs["num_cpus"] == 1
+    assert stage.map_batches_kwargs["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "0"
+    rows = engine_input(spec, None, [{ID: "a", SHARD: 0, "tokenized_prompt": [1, 2]}])
+    assert rows == [{Processor.DATA_COLUMN: {ID: "a", SHARD: 0, "tokenized_prompt": [1, 2],
+                                             "sampling_params": sampling_params(spec)}}]
+    assert engine_output(pa.Table.from_pylist(rows).to_batches()[0]) == [rows[0][Processor.DATA_COLUMN]]

@@ -215,6 +215,25 @@ def _engine_replica_actors(app_name: str) -> list[str]:
             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app_name}#RaylaneLLMServer:tiny#")]
 
 
+def test_engine_and_replica_run_at_normal_cpu_priority(served):
+    """Ray starts workers at nice 15; the replica (the HTTP ingress) and its vLLM processes must
+    not yield their cores to every other process on the node."""
+    import psutil
+    import ray
+
+    spec, _, _ = served
+    (name,) = _engine_replica_actors(spec.name)
+    pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
+    replica = psutil.Process(pid)
+    vllm_procs = [p for p in replica.children(recursive=True) if "VLLM" in p.name() or "EngineCore" in p.name()]
+    assert vllm_procs, [p.name() for p in replica.children(recursive=True)]
+    assert {p.nice() for p in [replica, *vllm_procs]} == {0}
+    other = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "SERVE_CONTROLLER_ACTOR"]
+    if other:  # the control plane keeps Ray's default, so the test sees a difference
+        ctl = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        assert psutil.Process(ray.get(ctl.__ray_call__.remote(lambda self: os.getpid()))).nice() == 15
+
+
 @pytest.mark.timeout(900)
 def test_rendered_config_deploys_with_serve_deploy(served, ray_local, tmp_path):
     """Replaces the app above with the same spec deployed from the rendered config."""
