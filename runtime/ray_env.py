@@ -23,8 +23,8 @@ from urllib.parse import urlparse
 
 from runtime.errors import ClusterUnreachable, RaylaneError
 
-# ray.serve.llm puts its OpenAI ingress and each engine replica on their own CPUs; on a 2-core
-# laptop Ray would advertise 2 logical CPUs and the ingress would never schedule.
+# Engine bundles, Ray Data stages, the agent ingress and Ray Train workers each reserve logical
+# CPUs; with one per core a 2-core laptop cannot place an engine next to anything else.
 MIN_LOCAL_CPUS = 4
 
 

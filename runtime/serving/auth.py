@@ -223,7 +223,7 @@ class GuardMiddleware:
                     await self.prepare(path, parsed)
             except HTTPError as e:
                 return await reject(e)
-            except Exception as e:  # noqa: BLE001 - a clean 500, the cause goes to the replica log
+            except Exception as e:  # a clean 500, the cause goes to the replica log
                 logging.getLogger(__name__).exception("request %s: preparing the request failed", request_id)
                 return await reject(HTTPError(500, f"internal server error (request id {request_id}): "
                                                    f"{type(e).__name__}", "internal_error"))
