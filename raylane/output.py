@@ -26,14 +26,12 @@ def json_stdout(enabled: bool) -> Iterator[callable]:
         yield lambda obj: print(json.dumps(to_jsonable(obj), indent=2, default=str))
         return
     sys.stdout.flush()
-    saved = os.dup(1)
+    out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    out = os.fdopen(os.dup(saved), "w")
     try:
         yield lambda obj: (out.write(json.dumps(to_jsonable(obj), default=str) + "\n"), out.flush())
     finally:
         sys.stdout.flush()
-        os.close(saved)
         out.close()
 
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import os
 
-CPU_ENV = {
-    # The tiny model needs little KV cache; vLLM CPU's default reserves several GiB.
-    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-}
 # Ray starts worker processes at nice 15 (its `worker_niceness`), and vLLM's engine processes
 # inherit it from the actor that starts them. The engine is the one process that must not yield:
 # at nice 15 any nice-0 process (Ray Data tasks, the driver, HAProxy) takes the core it is bound
@@ -16,10 +12,19 @@ CPU_ENV = {
 ENGINE_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 
 
+def engine_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of an engine worker (batch stage actor or serving replica) and the vLLM
+    processes it starts: normal CPU priority; on CPU, a KV cache of $VLLM_CPU_KVCACHE_SPACE GiB
+    or 1 (vLLM CPU reserves several GiB by default; the tiny model needs little)."""
+    env = dict(ENGINE_PRIORITY_ENV)
+    if not use_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
 def engine_runtime_env(use_gpu: bool) -> dict:
-    """The Ray runtime_env for an engine worker: normal CPU priority; CPU engines also get a
-    small KV cache."""
-    return {"env_vars": {**ENGINE_PRIORITY_ENV, **({} if use_gpu else CPU_ENV)}}
+    """The Ray runtime_env for an engine worker (see ``engine_env``)."""
+    return {"env_vars": engine_env(use_gpu)}
 
 
 def request_amx_permission() -> None:

@@ -11,7 +11,6 @@ Nothing here imports Ray or vLLM: ``raylane render`` must stay fast and GPU-free
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from runtime.serving.autoscaling import autoscaling_config
@@ -81,15 +80,9 @@ def engine_kwargs(spec) -> dict[str, Any]:
 
 
 def engine_env(spec) -> dict[str, str]:
-    """Environment of the engine replica (and the vLLM processes it starts): normal CPU priority
-    (see ``runtime.vllm_env``); on CPU, a KV cache of the spec's size or 1 GiB (vLLM CPU
-    reserves several GiB by default)."""
-    from runtime.vllm_env import ENGINE_PRIORITY_ENV
+    from runtime.vllm_env import engine_env as env_of_engine
 
-    env = dict(ENGINE_PRIORITY_ENV)
-    if not spec.resources.uses_gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    return env
+    return env_of_engine(spec.resources.uses_gpu)
 
 
 def llm_config(spec, model_source: str) -> dict[str, Any]:
