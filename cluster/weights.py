@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-MARKER = ".raylane-staged"
+from runtime.models import WEIGHTS_MARKER as MARKER
 VOLUME = "raylane-weights"
 
 # Where each shape names its model (dotted attribute path); shapes without one have no entry.
@@ -80,7 +80,7 @@ def stage_command(plan: WeightsPlan, storage_root: str) -> list[str]:
     return [
         "python",
         "-m",
-        "cluster.stage_weights",
+        "jobs.stage_weights",
         "--model",
         plan.ref,
         "--dest",

@@ -35,7 +35,7 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class Plan:
+class CapacityPlan:
     params: float
     dtype: str
     weights_bytes: float
@@ -90,7 +90,7 @@ def plan(
     streams_per_replica: float | None = None,
     peak_to_average: float = 1.0,
     headroom: float = 1.5,
-) -> Plan:
+) -> CapacityPlan:
     """Size a model deployment. KV cache needs layers, kv_heads and head_dim (else it is 0)."""
     if params <= 0:
         raise UsageError("--params must be positive", hint="e.g. --params 7e9")
@@ -128,7 +128,7 @@ def plan(
         peak = math.ceil(concurrent_streams / streams_per_replica)
         steady = max(1, math.ceil(peak / peak_to_average * headroom))
 
-    return Plan(
+    return CapacityPlan(
         params=params,
         dtype=dtype,
         weights_bytes=weights,

@@ -30,7 +30,7 @@ from runtime.errors import ClusterUnreachable, RaylaneError, UsageError
 JOB_MODULES = {
     "Training": "jobs.train",
     "FineTune": "jobs.finetune",
-    "BatchInference": "jobs.batch_infer",
+    "BatchInference": "jobs.batch",
 }
 ALWAYS_EXCLUDED = [
     ".venv",

@@ -6,7 +6,7 @@
     GET  /sessions/{id}                 -> messages, steps (one record per step), usage, errors
     GET  /stats                         -> tool success rate, steps, budget breaches (this replica's actors)
 
-Auth and rate limiting are the LLM ingress's own middleware (``runtime.serving.auth``): the same
+Auth and rate limiting are the LLM ingress's own middleware (``runtime.serving.guard``): the same
 ``RAYLANE_API_KEYS`` keys work on both. The ingress is stateless; the session's actor is found by
 session id, so any replica (or a restarted one) serves any session.
 """
@@ -32,7 +32,7 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
     from ray import serve
 
     from runtime.agents.worker import SessionNotFound, SessionRouter
-    from runtime.serving.auth import (
+    from runtime.serving.guard import (
         ENV_KEYS,
         ENV_KEYS_FILE,
         GuardMiddleware,

@@ -5,7 +5,7 @@ RayService ``serveConfigV2``.
 >>> from runtime.specs import parse_spec
 >>> cfg = build_agent_serve_config(parse_spec({"kind": "Agent", "name": "helper", "auth": "none"}))
 >>> [(a["name"], a["import_path"]) for a in cfg["applications"]]
-[('helper', 'serve_apps.agent:build_agent_app'), ('helper-llm', 'serve_apps.llm:build_llm_app')]
+[('helper', 'serve_apps.agent:build_agent_app'), ('helper-llm', 'serve_apps.serve:build_serve_app')]
 
 Nothing here imports Ray or vLLM.
 """

@@ -115,7 +115,7 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     from runtime.ray_env import init_ray
 
     if spec.auth == "api-key":
-        from runtime.serving.auth import load_api_keys
+        from runtime.serving.guard import load_api_keys
 
         load_api_keys()  # fail before starting anything
     info = init_ray(address)

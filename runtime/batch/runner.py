@@ -93,7 +93,7 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, **_option
     ids = sh.check_columns(table, spec.input.id_column, text_col)
     ranges = sh.shard_ranges(len(ids), spec.rows_per_shard)
     _, in_fmt = sh.input_files(spec.input.path, spec.input.format)
-    sh.ensure_plan(out, sh.Plan(
+    sh.ensure_plan(out, sh.ShardPlan(
         input=spec.input.path, rows=len(ids), rows_per_shard=spec.rows_per_shard, shards=len(ranges),
         ids_sha256=sh.ids_digest(ids), output_format=fmt, id_column=spec.input.id_column, input_format=in_fmt,
     ))

@@ -147,7 +147,7 @@ def shard_ranges(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
 
 
 @dataclass
-class Plan:
+class ShardPlan:
     input: str
     rows: int
     rows_per_shard: int
@@ -157,16 +157,16 @@ class Plan:
     id_column: str
     input_format: str
 
-    def mismatch(self, other: Plan) -> list[str]:
+    def mismatch(self, other: ShardPlan) -> list[str]:
         keys = ("rows", "rows_per_shard", "ids_sha256", "output_format")
         return [k for k in keys if getattr(self, k) != getattr(other, k)]
 
 
-def ensure_plan(output: str, plan: Plan) -> None:
+def ensure_plan(output: str, plan: ShardPlan) -> None:
     """Write the plan on a first run; on a rerun, refuse if the input or sharding changed."""
     uri = storage.join(output, PLAN)
     if storage.exists(uri):
-        old = Plan(**json.loads(storage.read_bytes(uri)))
+        old = ShardPlan(**json.loads(storage.read_bytes(uri)))
         diff = old.mismatch(plan)
         if diff:
             raise RaylaneError(
@@ -312,7 +312,7 @@ def verify_output(output: str, *, check_input: bool = True, max_problems: int = 
             f"{output!r} is not a batch output folder (no {PLAN})",
             hint="give the output.path of a BatchInference spec that has run",
         )
-    plan = Plan(**json.loads(storage.read_bytes(plan_uri)))
+    plan = ShardPlan(**json.loads(storage.read_bytes(plan_uri)))
     commits = read_commits(output)
     problems: list[str] = []
     seen: dict[str, int] = {}

@@ -30,7 +30,7 @@ from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from runtime.serving import config as cfg
-from runtime.serving.auth import (
+from runtime.serving.guard import (
     ENV_KEYS,
     ENV_KEYS_FILE,
     GuardMiddleware,

@@ -4,7 +4,7 @@
 >>> from runtime.specs import parse_spec
 >>> spec = parse_spec({"kind": "OnlineInference", "name": "chat", "model": "tiny", "auth": "none"})
 >>> build_serve_config(spec)["applications"][0]["import_path"]
-'serve_apps.llm:build_llm_app'
+'serve_apps.serve:build_serve_app'
 
 Nothing here imports Ray or vLLM: ``raylane render`` must stay fast and GPU-free.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from runtime.serving.autoscaling import autoscaling_config
 
-APP_IMPORT_PATH = "serve_apps.llm:build_llm_app"
+APP_IMPORT_PATH = "serve_apps.serve:build_serve_app"
 # Environment every node of a cluster that serves raylane apps needs (local clusters: set by
 # runtime.ray_env; KubeRay: rendered into the pods). HAProxy fronts each node and forwards HTTP
 # straight to the engine replica's own port (the binary comes with ray[serve] on Linux), so no

@@ -54,7 +54,7 @@ def start_serving(spec, *, address: str | None = None, port: int | None = None, 
     ``port=0`` picks a free port. Ray stays connected; ``stop_serving(result)`` removes the app.
     """
     from runtime.ray_env import init_ray
-    from runtime.serving.auth import load_api_keys
+    from runtime.serving.guard import load_api_keys
 
     if spec.auth == "api-key":
         load_api_keys()  # refuse before starting anything: an api-key endpoint never serves openly

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.serving.auth import HTTPError
+from runtime.serving.guard import HTTPError
 
 
 def request_validator(spec_dict: dict[str, Any]):

@@ -87,7 +87,7 @@ def _fake_output(out: Path, n: int = 10, per: int = 4, fmt: str = "jsonl") -> li
     input_path = out.parent / "in.jsonl"
     input_path.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in ids))
     ranges = sh.shard_ranges(n, per)
-    sh.ensure_plan(str(out), sh.Plan(str(input_path), n, per, len(ranges), sh.ids_digest(ids), fmt, "id", "jsonl"))
+    sh.ensure_plan(str(out), sh.ShardPlan(str(input_path), n, per, len(ranges), sh.ids_digest(ids), fmt, "id", "jsonl"))
     for k, (lo, hi) in enumerate(ranges):
         rows = [{"id": i, "output": "y", "error": None if j % 3 else "empty prompt",
                  "num_input_tokens": 1, "num_output_tokens": 2} for j, i in enumerate(ids[lo:hi])]
@@ -135,7 +135,7 @@ def test_verify_catches_a_missing_commit_and_a_row_written_twice(tmp_path: Path)
 def test_a_rerun_with_other_input_or_sharding_is_refused(tmp_path: Path):
     out = tmp_path / "out"
     ids = _fake_output(out)
-    plan = sh.Plan(str(tmp_path / "in.jsonl"), 10, 5, 2, sh.ids_digest(ids), "jsonl", "id", "jsonl")
+    plan = sh.ShardPlan(str(tmp_path / "in.jsonl"), 10, 5, 2, sh.ids_digest(ids), "jsonl", "id", "jsonl")
     with pytest.raises(RaylaneError, match="rows_per_shard"):
         sh.ensure_plan(str(out), plan)
 

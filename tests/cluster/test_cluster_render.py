@@ -137,7 +137,7 @@ def test_rayjob_entrypoint_runtime_env_and_lifecycle():
     )
     docs = render(spec)
     job = main_of(docs)["spec"]
-    assert job["entrypoint"] == "python -m jobs.batch_infer --spec /etc/raylane/spec.yaml"
+    assert job["entrypoint"] == "python -m jobs.batch --spec /etc/raylane/spec.yaml"
     env = yaml.safe_load(job["runtimeEnvYAML"])
     assert env == {
         "env_vars": {"RAYLANE_STORAGE_ROOT": "s3://bucket/raylane"},
@@ -260,7 +260,7 @@ def test_weights_staged_once_and_mounted_read_only(case):
     assert "ReadOnlyMany" in pvc["spec"]["accessModes"]
     cmd = stage["spec"]["template"]["spec"]["containers"][0]["command"]
     assert (
-        cmd[:3] == ["python", "-m", "cluster.stage_weights"]
+        cmd[:3] == ["python", "-m", "jobs.stage_weights"]
         and cmd[cmd.index("--model") + 1] == "tiny"
     )
     dest = cmd[cmd.index("--dest") + 1]
@@ -333,7 +333,7 @@ def test_raycronjob_carries_the_schedule_and_a_full_job_template():
         render(parse_spec({**SPECS["BatchInference-cron"], "kubernetes": {"time_zone": "Etc/UTC"}}))
     )
     assert (m["spec"]["schedule"], m["spec"]["timeZone"]) == ("0 2 * * *", "Etc/UTC")
-    assert m["spec"]["jobTemplate"]["entrypoint"].startswith("python -m jobs.batch_infer --spec ")
+    assert m["spec"]["jobTemplate"]["entrypoint"].startswith("python -m jobs.batch --spec ")
     assert m["spec"]["jobTemplate"]["shutdownAfterJobFinishes"] is True
 
 
@@ -366,7 +366,7 @@ def test_cluster_selector_runs_on_an_existing_cluster():
     assert job["clusterSelector"] == {"ray.io/cluster": "shared"} and "rayClusterSpec" not in job
     env = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
     assert parse_spec(yaml.safe_load(base64.b64decode(env["RAYLANE_SPEC_B64"]))).name == "batch"
-    assert "python -m jobs.batch_infer --spec /tmp/raylane-batch.yaml" in job["entrypoint"]
+    assert "python -m jobs.batch --spec /tmp/raylane-batch.yaml" in job["entrypoint"]
 
 
 @needs_crds
@@ -436,7 +436,7 @@ def test_quickstart_stage_renders_every_example(tmp_path):
 
 
 def test_stage_weights_is_idempotent_and_atomic(tmp_path):
-    from cluster.stage_weights import stage
+    from jobs.stage_weights import stage
     from cluster.weights import MARKER
 
     src = tmp_path / "model"

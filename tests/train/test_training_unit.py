@@ -210,7 +210,7 @@ def test_jobs_refuse_the_wrong_kind():
     assert r.returncode == 2 and "is a Training spec; jobs.finetune runs FineTune specs" in r.stderr
     r = subprocess.run([sys.executable, "-m", "jobs.batch_infer", "--spec", str(EXAMPLES / "serve.yaml")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
-    assert r.returncode == 2 and "is a OnlineInference spec; jobs.batch_infer runs BatchInference specs" in r.stderr
+    assert r.returncode == 2 and "is a OnlineInference spec; jobs.batch runs BatchInference specs" in r.stderr
     r = subprocess.run([sys.executable, "-m", "jobs.drift_check", "--spec", str(EXAMPLES / "train.yaml"), "--dry-run"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert r.returncode == 1 and "with a 'drift:' section" in r.stderr and "Traceback" not in r.stderr

@@ -64,7 +64,7 @@ def test_gate_refuses_a_worse_model_and_keeps_the_champion(finetuned, ray_local)
     root, first = finetuned
     # Two steps of training cannot beat forty on the same held-out data.
     r = run_finetune(parse_spec(_example(root, name="support-lora-short", train={"steps": 2},
-                                         eval={"metric": "tests.training.train_hooks:mean_token_count"})))
+                                         eval={"metric": "tests.train.train_hooks:mean_token_count"})))
     assert r.eval["eval_docs"] > 0  # the metric by import path ran on the held-out documents
     assert r.registry["version"] == 2 and r.registry["alias"] == "challenger"
     assert r.gate["promote"] is False and r.gate["champion_version"] == 1 and "stays challenger" in r.gate["reason"]
@@ -103,7 +103,7 @@ def test_adapter_changes_vllm_output(finetuned, ray_local):
     import ray
 
     from runtime.vllm_env import engine_runtime_env
-    from tests.training.train_hooks import generate_with_and_without_lora
+    from tests.train.train_hooks import generate_with_and_without_lora
 
     _, out = finetuned
     base = json.loads((Path(out["model_dir"]) / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from runtime.errors import SpecError
-from runtime.serving.auth import (
+from runtime.serving.guard import (
     AuthNotConfigured,
     GuardMiddleware,
     KeySource,
@@ -124,7 +124,7 @@ async def test_unavailable_backend_gets_503_before_and_after_the_app():
 
 @pytest.mark.anyio
 async def test_prepare_hook_runs_after_validation_and_its_errors_are_clean():
-    from runtime.serving.auth import HTTPError
+    from runtime.serving.guard import HTTPError
 
     seen = []
 
@@ -184,7 +184,7 @@ def test_serve_config_validates_with_ray_schema():
     config = build_serve_config(spec)
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
-    assert app["import_path"] == "serve_apps.llm:build_llm_app"
+    assert app["import_path"] == "serve_apps.serve:build_serve_app"
     assert parse_spec(app["args"]["spec"]) == spec  # the embedded spec round-trips exactly
 
 

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 STEPS = 60
 # The kill tests pace their steps: the victim must be caught after a committed checkpoint and before the
 # last step, and Ray Train's controller registers checkpoints on its own polling cadence.
-PACED = "tests.training.train_hooks:paced_causal_lm"
+PACED = "tests.train.train_hooks:paced_causal_lm"
 
 
 def _spec_dict(root: Path, name: str, **train) -> dict:
@@ -132,7 +132,7 @@ def test_restarted_driver_resumes(tmp_path, reference):
 
 @pytest.mark.timeout(300)
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, ray_local):
-    d = _spec_dict(tmp_path, "nan", checkpoint_every_n_steps=2, step_fn="tests.training.train_hooks:nan_from_step_6")
+    d = _spec_dict(tmp_path, "nan", checkpoint_every_n_steps=2, step_fn="tests.train.train_hooks:nan_from_step_6")
     with pytest.raises(TrainingDiverged) as e:
         _run(d)
     assert "loss is nan at step 6" in str(e.value)

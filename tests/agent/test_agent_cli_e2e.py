@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.agents.conftest import free_port
+from tests.agent.conftest import free_port
 from tests.conftest import EXAMPLES, ROOT
 
 pytestmark = [pytest.mark.slow]

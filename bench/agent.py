@@ -1,6 +1,6 @@
 """Agent orchestration overhead and concurrency, against the bare engine in the same run.
 
-    python -m bench.agents [--sessions 100] [--steps-sessions 20]
+    python -m bench.agent [--sessions 100] [--steps-sessions 20]
 
 Starts a vLLM OpenAI server on the tiny model (guided JSON, compact) and the agent app on a
 local Ray cluster pointed at it (calculator tool; every turn = tool step + answer step), then:
