@@ -17,9 +17,7 @@ checked (CRD schema, undeclared keys, KubeRay's own rules) before it is returned
 from __future__ import annotations
 
 import base64
-import importlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +35,13 @@ from cluster.weights import (
     with_local_model,
 )
 from runtime.errors import ManifestInvalid, RaylaneError
-from runtime.serving.config import SERVE_CLUSTER_ENV
-from runtime.specs import dump_spec
-from runtime.submit import job_module
+from runtime.specs import dump_spec, load_spec
+from runtime.vllm_env import SERVE_CLUSTER_ENV
 
 API_VERSION = "ray.io/v1"
 SPEC_DIR = "/etc/raylane"
 SPEC_PATH = f"{SPEC_DIR}/spec.yaml"
 SPEC_VOLUME = "raylane-spec"
-
-# The Serve config builder of each served shape ("module:function"), imported only when rendering.
-SERVE_CONFIG_BUILDERS = {
-    "OnlineInference": "runtime.serving.config:build_serve_config",
-    "Agent": "runtime.agents.config:build_agent_serve_config",
-}
 
 
 def namespace_of(spec) -> str:
@@ -67,22 +58,13 @@ def base_labels(spec) -> dict[str, str]:
 
 
 def serve_config_for(spec) -> dict[str, Any]:
-    """The Serve config ``serve deploy`` accepts for an OnlineInference or Agent spec."""
-    target = SERVE_CONFIG_BUILDERS.get(spec.kind)
-    if target is None:
+    """The Serve config ``serve deploy`` accepts for a served spec (``shape.serve_config``)."""
+    if spec.shape.serve_config is None:
         raise RaylaneError(
             f"{spec.kind} specs are not served by Ray Serve; they have no Serve config",
             hint="render them without --serve-config (a RayJob)",
         )
-    module_name, _, attr = target.partition(":")
-    try:
-        builder = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        raise RaylaneError(
-            f"this raylane has no Serve config builder for {spec.kind} ({target})",
-            hint="update raylane; OnlineInference and Agent rendering need it",
-        ) from None
-    return builder(spec)
+    return spec.shape.serve_config(spec)
 
 
 def render(
@@ -122,8 +104,12 @@ def render(
             }
     if as_cluster:
         main = _raycluster(spec, extras, labels, ns)
+    elif spec.shape.kuberay == "RayService":
+        main = _rayservice(spec, run_spec, extras, labels, ns, serve_config)
+    elif getattr(spec, "schedule", None):
+        main = _raycronjob(spec, run_spec, extras, labels, ns)
     else:
-        main = RENDERERS[spec.kind](spec, run_spec, extras, labels, ns, serve_config)
+        main = _rayjob(spec, run_spec, extras, labels, ns)
     docs.append(main)
     check(main, source=f"{spec.kind} {spec.name!r}")
     return json.loads(json.dumps(docs))  # independent copies: no shared dicts, no YAML anchors
@@ -192,7 +178,7 @@ def _metadata(spec, ns: str, labels: dict[str, str], *, queued: bool = True) -> 
 
 def _job_spec(spec, run_spec, extras: PodExtras, labels: dict[str, str]) -> dict[str, Any]:
     k = spec.kubernetes
-    module = job_module(spec.kind)
+    module = spec.shape.job_module
     runtime_env: dict[str, Any] = {"env_vars": {"RAYLANE_STORAGE_ROOT": spec.storage.root}}
     if k.working_dir:
         runtime_env["working_dir"] = k.working_dir
@@ -235,9 +221,7 @@ def _job_spec(spec, run_spec, extras: PodExtras, labels: dict[str, str]) -> dict
     return job
 
 
-def _rayjob(spec, run_spec, extras, labels, ns, serve_config) -> dict[str, Any]:
-    if getattr(spec, "schedule", None):
-        return _raycronjob(spec, run_spec, extras, labels, ns)
+def _rayjob(spec, run_spec, extras, labels, ns) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": "RayJob",
@@ -296,19 +280,9 @@ def _raycluster(spec, extras, labels, ns) -> dict[str, Any]:
     }
 
 
-RENDERERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "Training": _rayjob,
-    "FineTune": _rayjob,
-    "BatchInference": _rayjob,
-    "OnlineInference": _rayservice,
-    "Agent": _rayservice,
-}
-
-
 def quickstart_stage(ctx) -> dict[str, Any]:
     """Quickstart stage: render every example spec to CRD-checked KubeRay manifests under the work dir."""
     from cluster import crds
-    from runtime.specs import load_spec
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     out = Path(ctx.workdir) / "kuberay"

@@ -5,15 +5,15 @@ and (when the spec asks for GPUs) a GPU worker group with tolerations and an acc
 >>> ray_cluster_spec(spec, pod_extras)["workerGroupSpecs"][0]["groupName"]     # doctest: +SKIP
 'gpu-workers'
 
-Replica counts come from a per-shape sizing function (a table, no shape branches in the
-builders): a training gang is fixed at ``num_workers`` pods so its placement group fits; inference
-shapes scale between min and max with KubeRay's in-tree autoscaler.
+Replica counts follow the sizing policy the spec class declares (``spec.shape.sizing``): a
+training gang is fixed at ``num_workers`` pods so its placement group fits; batch is elastic from
+zero; a served model follows its Serve autoscaling range; inference shapes scale between min and
+max with KubeRay's in-tree autoscaler.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,42 +42,26 @@ class PodExtras:
     serve_port: int | None = None
 
 
-def _gang(spec) -> Replicas:
+def _sized(spec) -> Replicas:
+    """Worker pods by the spec's declared sizing policy (see ``runtime.specs.shape.Sizing``)."""
     n = spec.resources.num_workers
-    return Replicas(n, n, n)
-
-
-def _batch(spec) -> Replicas:
-    n = spec.resources.num_workers
-    return Replicas(n, 0, n)
-
-
-def _serving(spec) -> Replicas:
-    # Engine replicas come from the Serve autoscaling range; each needs tensor_parallel_size GPUs.
-    a = spec.autoscaling
+    policy = spec.shape.sizing
+    if policy == "gang":
+        return Replicas(n, n, n)
+    if policy == "elastic":
+        return Replicas(n, 0, n)
+    if policy == "always-on":
+        return Replicas(n, 1, n)
+    # serve: engine replicas come from the Serve autoscaling range; each needs tensor_parallel_size GPUs.
     per_engine = max(
         1, math.ceil(spec.tensor_parallel_size / max(1.0, spec.resources.gpus_per_worker))
     )
-    lo = a.min_replicas if a.min_replicas is not None else (1 if spec.slo else 0)
-    return Replicas(lo * per_engine, lo * per_engine, max(a.max_replicas, lo, 1) * per_engine)
-
-
-def _agent(spec) -> Replicas:
-    n = spec.resources.num_workers
-    return Replicas(n, 1, n)
-
-
-SIZING: dict[str, Callable[[Any], Replicas]] = {
-    "Training": _gang,
-    "FineTune": _gang,
-    "BatchInference": _batch,
-    "OnlineInference": _serving,
-    "Agent": _agent,
-}
+    lo = spec.autoscaling.floor(spec.slo)
+    return Replicas(lo * per_engine, lo * per_engine, max(spec.autoscaling.max_replicas, lo, 1) * per_engine)
 
 
 def replicas_for(spec) -> Replicas:
-    r = SIZING[spec.kind](spec)
+    r = _sized(spec)
     k = spec.kubernetes
     lo = k.min_replicas if k.min_replicas is not None else r.min
     hi = k.max_replicas if k.max_replicas is not None else max(r.max, lo)

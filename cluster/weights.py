@@ -19,13 +19,6 @@ from typing import Any
 from runtime.models import WEIGHTS_MARKER as MARKER
 VOLUME = "raylane-weights"
 
-# Where each shape names its model (dotted attribute path); shapes without one have no entry.
-MODEL_FIELD = {
-    "BatchInference": "model",
-    "OnlineInference": "model",
-    "FineTune": "base_model",
-    "Agent": "llm.model",
-}
 
 
 @dataclass(frozen=True)
@@ -56,7 +49,7 @@ def _get(obj: Any, dotted: str) -> Any:
 
 
 def weights_plan(spec) -> WeightsPlan | None:
-    field = MODEL_FIELD.get(spec.kind)
+    field = spec.shape.model_field  # where the spec class names its model; None = no model
     w = spec.kubernetes.weights
     if field is None or not w.enabled or spec.kubernetes.cluster_selector:
         return None

@@ -1,4 +1,5 @@
-"""What every job entrypoint shares: run, print the result JSON on stdout, map errors to exit codes."""
+"""What every job entrypoint shares: parse ``--spec``, load it as its shape, run it, print the
+result JSON on stdout, and map errors to exit codes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from runtime.errors import RaylaneError, UsageError
+from runtime.errors import RaylaneError
+from runtime.specs import SpecBase, load_spec
 
 
 def run_job(fn: Callable[[], Any]) -> int:
@@ -23,34 +25,29 @@ def run_job(fn: Callable[[], Any]) -> int:
     return 0 if result.ok else 1
 
 
-def load_spec_of_kind(path: str, kind: str, module: str):
-    """The spec at ``path``; a UsageError (exit 2) when it is not a ``kind`` spec."""
-    from runtime.specs import load_spec
-
-    spec = load_spec(path)
-    if spec.kind != kind:
-        raise UsageError(f"{path} is a {spec.kind} spec; {module} runs {kind} specs",
-                         hint="use python -m jobs.<shape> for that kind, or `raylane run`")
-    return spec
-
-
-def training_main(argv: list[str] | None, *, module: str, kind: str, runner: str, doc: str) -> int:
-    """``python -m jobs.train`` and ``jobs.finetune``: the same flags, resume and result for a
-    Training or FineTune spec; ``runner`` names the function in ``runtime.training``."""
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+def job_parser(spec_class: type[SpecBase], doc: str) -> argparse.ArgumentParser:
+    """``--spec`` and ``--address``, the flags of every ``python -m jobs.<slug>``."""
+    shape = spec_class.shape
+    kind = spec_class.model_fields["kind"].default
+    p = argparse.ArgumentParser(prog=f"python -m {shape.job_module}", description=doc.splitlines()[0])
     p.add_argument("--spec", required=True, help=f"path to a {kind} spec YAML")
     p.add_argument("--address", default=None, help="Ray address; default $RAY_ADDRESS or a local cluster")
-    p.add_argument("--run-name", default=None,
-                   help="start a fresh run under this name instead of resuming the spec's (registry name unchanged)")
+    return p
+
+
+def job_main(argv: list[str] | None, spec_class: type[SpecBase], doc: str, *, run_name: bool = False) -> int:
+    """``python -m jobs.<slug> --spec S.yaml``: the spec's own runner (``spec.shape.runner``).
+    ``run_name`` adds ``--run-name`` (training shapes: a fresh run under another name)."""
+    p = job_parser(spec_class, doc)
+    if run_name:
+        p.add_argument("--run-name", default=None,
+                       help="start a fresh run under this name instead of resuming the spec's (registry name unchanged)")
     args = p.parse_args(argv)
 
     def run():
-        import runtime.training
-
-        spec = load_spec_of_kind(args.spec, kind, module)
-        if args.run_name:
-            spec = spec.model_copy(update={"name": args.run_name, "registry": spec.registry.model_copy(
-                update={"model_name": spec.registered_name()})})
-        return getattr(runtime.training, runner)(spec, address=args.address)
+        spec = load_spec(args.spec, kind=spec_class, entrypoint=spec_class.shape.job_module)
+        if getattr(args, "run_name", None):
+            spec = spec.with_run_name(args.run_name)
+        return spec.shape.runner(spec, address=args.address)
 
     return run_job(run)

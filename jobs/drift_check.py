@@ -8,28 +8,24 @@ Prints the result JSON (champion_version, recorded_eval_loss, recent_eval_loss, 
 degraded, action, finetune); exits 2 on a bad spec.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from jobs._common import run_job
+from jobs._common import job_parser, run_job
+from runtime.specs import FineTuneSpec, load_spec
+from runtime.training import check_drift
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.drift_check", description=__doc__.splitlines()[0])
-    p.add_argument("--spec", required=True, help="path to a FineTune spec YAML with a drift: section")
-    p.add_argument("--address", default=None, help="Ray address; default $RAY_ADDRESS or a local cluster")
+    p = job_parser(FineTuneSpec, __doc__)
+    p.prog = "python -m jobs.drift_check"
     p.add_argument("--submit-to", default=None, help="Ray dashboard URL to submit the fine-tune job to")
     p.add_argument("--dry-run", action="store_true", help="evaluate and report only; never fine-tune")
     args = p.parse_args(argv)
 
     def run():
-        from runtime.specs import load_spec
-        from runtime.training import check_drift
-
-        return check_drift(load_spec(args.spec), address=args.submit_to or args.address,
-                           submit=not args.dry_run, spec_path=args.spec)
+        spec = load_spec(args.spec)  # check_drift names what a drift spec needs
+        return check_drift(spec, address=args.submit_to or args.address, submit=not args.dry_run,
+                           spec_path=args.spec)
 
     return run_job(run)
 

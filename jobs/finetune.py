@@ -8,11 +8,12 @@ exits 2 on a bad spec, 4 if the gang cannot be placed, 5 if a NaN/gradient guard
 
 import sys
 
-from jobs._common import training_main
+from jobs._common import job_main
+from runtime.specs import FineTuneSpec
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main(argv, module="jobs.finetune", kind="FineTune", runner="run_finetune", doc=__doc__)
+    return job_main(argv, FineTuneSpec, __doc__, run_name=True)
 
 
 if __name__ == "__main__":

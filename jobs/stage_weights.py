@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.models import DEFAULT_STORAGE_ROOT, stage_model
+from runtime.defaults import DEFAULT_STORAGE_ROOT
+from runtime.models import stage_model
 
 stage = stage_model  # the name earlier releases exported
 

@@ -11,10 +11,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from runtime.defaults import DEFAULT_STORAGE_ROOT
 from runtime.errors import RaylaneError
 
 TINY = "tiny"
-DEFAULT_STORAGE_ROOT = "~/.raylane"
 # Written last into a staged weights folder: readers trust only folders that have it.
 WEIGHTS_MARKER = ".raylane-staged"
 

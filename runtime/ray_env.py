@@ -22,6 +22,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from runtime.errors import ClusterUnreachable, RaylaneError
+from runtime.vllm_env import SERVE_CLUSTER_ENV
 
 # Engine bundles, Ray Data stages, the agent ingress and Ray Train workers each reserve logical
 # CPUs; with one per core a 2-core laptop cannot place an engine next to anything else.
@@ -87,10 +88,8 @@ def init_ray(
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
     if target is None:
-        from runtime.serving.config import SERVE_CLUSTER_ENV
-
-        # A local cluster's processes inherit this environment; an explicit value wins (set
-        # RAY_SERVE_ENABLE_HA_PROXY=0 to keep Serve's Python proxy).
+        # A local cluster's processes inherit this environment; an explicit value wins (see
+        # runtime.vllm_env.SERVE_CLUSTER_ENV).
         for k, v in SERVE_CLUSTER_ENV.items():
             os.environ.setdefault(k, v)
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)

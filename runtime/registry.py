@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runtime.defaults import DEFAULT_STORAGE_ROOT
 from runtime.errors import RaylaneError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -26,7 +27,7 @@ REF_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<versio
 def tracking_uri(storage_root: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = storage_root if "://" not in storage_root else os.environ.get("RAYLANE_REGISTRY_ROOT", "~/.raylane")
+    root = storage_root if "://" not in storage_root else os.environ.get("RAYLANE_REGISTRY_ROOT", DEFAULT_STORAGE_ROOT)
     d = Path(root).expanduser().resolve() / "registry"
     d.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{d / 'mlflow.db'}"
@@ -48,7 +49,7 @@ class VersionInfo:
 class Registry:
     """A thin layer over ``MlflowClient`` with raylane's alias rules."""
 
-    def __init__(self, storage_root: str = "~/.raylane"):
+    def __init__(self, storage_root: str = DEFAULT_STORAGE_ROOT):
         import logging
 
         from mlflow.tracking import MlflowClient
@@ -170,7 +171,7 @@ def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     return m["name"], m["alias"], int(m["version"]) if m["version"] else None
 
 
-def resolve_registry_uri(ref: str, storage_root: str = "~/.raylane") -> str:
+def resolve_registry_uri(ref: str, storage_root: str = DEFAULT_STORAGE_ROOT) -> str:
     """A local folder for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (copied here if remote)."""
     name, alias, version = parse_ref(ref)
     reg = Registry(storage_root)

@@ -25,13 +25,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from runtime.errors import ClusterUnreachable, RaylaneError, UsageError
+from runtime.specs import KINDS, dump_spec, load_spec
 
-# The module each job-shaped spec runs as (``python -m <module> --spec S.yaml``).
-JOB_MODULES = {
-    "Training": "jobs.train",
-    "FineTune": "jobs.finetune",
-    "BatchInference": "jobs.batch",
-}
 ALWAYS_EXCLUDED = [
     ".venv",
     "venv",
@@ -48,9 +43,13 @@ ALWAYS_EXCLUDED = [
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def job_module(kind: str) -> str:
-    module = JOB_MODULES.get(kind)
+def job_module(spec) -> str:
+    """The module a job-shaped spec runs as (``python -m <module> --spec S.yaml``): what its class
+    declares (``shape.job_module``). ``spec`` is a spec, a spec class or a kind name."""
+    cls = KINDS[spec] if isinstance(spec, str) else spec if isinstance(spec, type) else type(spec)
+    module = cls.shape.job_module
     if module is None:
+        kind = cls.model_fields["kind"].default
         raise RaylaneError(
             f"{kind} specs are long-running services, not Ray jobs",
             hint="deploy them with `raylane apply SPEC` (a RayService) or "
@@ -94,10 +93,8 @@ def submit(
     """
     import yaml
 
-    from runtime.specs import dump_spec, load_spec, parse_spec
-
-    spec = load_spec(spec) if isinstance(spec, (str, Path)) else parse_spec(spec)
-    module = job_module(spec.kind)
+    spec = load_spec(spec)
+    module = job_module(spec)
     url = dashboard_url(address)
     log = log or sys.stderr
     project = _project_dir(project_dir)

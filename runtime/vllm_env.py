@@ -1,4 +1,5 @@
-"""Environment for vLLM engines that raylane starts in Ray workers."""
+"""Environment for vLLM engines that raylane starts in Ray workers, and for the clusters that
+serve them (``SERVE_CLUSTER_ENV``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import os
 # to. Ray reads this variable when a worker starts; 0 is the raylet's own priority, so no
 # privilege is needed.
 ENGINE_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
+
+# The request path of a raylane serving app, told once here (the README points to it): each
+# engine replica is itself the HTTP ingress (vLLM's OpenAI app behind raylane's guard, see
+# runtime.serving.app), and Serve's HAProxy on every node forwards each connection straight to a
+# replica's own port, so no Ray hop sits between the client and vLLM. The HAProxy binary ships
+# with ray[serve] on Linux. Every node of a cluster that serves raylane apps needs this variable:
+# local clusters get it from runtime.ray_env (an explicit RAY_SERVE_ENABLE_HA_PROXY=0 keeps
+# Serve's Python proxy, which forwards to the same app), KubeRay pods from cluster/render.py.
+SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def engine_env(use_gpu: bool) -> dict[str, str]:

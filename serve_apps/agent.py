@@ -12,24 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from runtime.agents import build_agent_application
+from runtime.specs import AgentSpec
+from serve_apps._common import spec_from_args
+
 
 def build_agent_app(args: dict[str, Any]):
     """Validate ``args`` (``{"spec": PATH or mapping}``), then build the app."""
-    from runtime.agents import build_agent_application
-    from runtime.errors import SpecError, SpecProblem
-    from runtime.specs import AgentSpec, load_spec, parse_spec
-
-    unknown = sorted(set(args) - {"spec"})
-    if "spec" not in args or unknown:
-        raise SpecError("serve_apps.agent args", [SpecProblem("spec", "required: a spec path or mapping")]
-                        + [SpecProblem(k, "unknown argument") for k in unknown])
-    source = args["spec"]
-    spec = load_spec(source) if isinstance(source, str) else parse_spec(source, source="args.spec")
-    if not isinstance(spec, AgentSpec):
-        raise SpecError(str(source), [SpecProblem("kind", f"serve_apps.agent serves Agent specs, not {spec.kind}")])
-    return build_agent_application(spec)
+    return build_agent_application(spec_from_args(args, AgentSpec, "serve_apps.agent"))
 
 
-def app(args: dict[str, Any]):
-    """``serve run serve_apps.agent:app spec=PATH`` entry point (Serve passes ``spec=PATH`` as args)."""
-    return build_agent_app(args)
+app = build_agent_app  # ``serve run serve_apps.agent:app spec=PATH`` (Serve passes spec=PATH as args)

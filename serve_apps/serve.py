@@ -11,25 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from runtime.specs import OnlineInferenceSpec
+from serve_apps._common import spec_from_args
+
 
 def build_serve_app(args: dict[str, Any]):
     """Validate ``args`` (``{"spec": PATH or mapping}``), then build the app."""
-    from runtime.errors import SpecError, SpecProblem
-    from runtime.specs import OnlineInferenceSpec, load_spec, parse_spec
-
-    unknown = sorted(set(args) - {"spec"})
-    if "spec" not in args or unknown:
-        raise SpecError("serve_apps.serve args", [SpecProblem("spec", "required: a spec path or mapping")]
-                        + [SpecProblem(k, "unknown argument") for k in unknown])
-    source = args["spec"]
-    spec = load_spec(source) if isinstance(source, str) else parse_spec(source, source="args.spec")
-    if not isinstance(spec, OnlineInferenceSpec):
-        raise SpecError(str(source), [SpecProblem("kind", f"serve_apps.serve serves OnlineInference specs, not {spec.kind}")])
+    spec = spec_from_args(args, OnlineInferenceSpec, "serve_apps.serve")
     from runtime.serving.app import build_app  # Ray Serve LLM loads only for a valid spec
 
     return build_app(spec)
 
 
-def app(args: dict[str, Any]):
-    """``serve run serve_apps.serve:app spec=PATH`` entry point (Serve passes ``spec=PATH`` as args)."""
-    return build_serve_app(args)
+app = build_serve_app  # ``serve run serve_apps.serve:app spec=PATH`` (Serve passes spec=PATH as args)

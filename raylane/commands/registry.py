@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 from raylane.commands._common import add_json
 from raylane.output import json_stdout
+from runtime.defaults import default_storage_root
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
     rb = verbs.add_parser("rollback", help="give 'champion' back to the 'previous' version")
     rb.add_argument("name")
     for v in (ls, pr, rb):
-        v.add_argument("--storage-root", default=os.environ.get("RAYLANE_STORAGE_ROOT", "~/.raylane"), **common)
+        v.add_argument("--storage-root", default=default_storage_root(), **common)
         add_json(v)
         v.set_defaults(func=_run)
 

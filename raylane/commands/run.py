@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from raylane.commands._common import add_address, add_json
 from raylane.output import json_stdout
+from runtime.run import run
+from runtime.specs import load_spec
 
 
 def register(sub) -> None:
@@ -15,11 +17,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.run import run, runner_for
-    from runtime.specs import load_spec
-
     spec = load_spec(args.spec)
-    runner_for(spec.kind)  # fail before starting Ray if this shape cannot run here
     with json_stdout(args.json) as emit:
         result = run(spec, address=args.address)
         emit(result)

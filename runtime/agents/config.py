@@ -5,7 +5,7 @@ RayService ``serveConfigV2``.
 >>> from runtime.specs import parse_spec
 >>> cfg = build_agent_serve_config(parse_spec({"kind": "Agent", "name": "helper", "auth": "none"}))
 >>> [(a["name"], a["import_path"]) for a in cfg["applications"]]
-[('helper', 'serve_apps.agent:build_agent_app'), ('helper-llm', 'serve_apps.serve:build_serve_app')]
+[('helper-llm', 'serve_apps.serve:build_serve_app'), ('helper', 'serve_apps.agent:build_agent_app')]
 
 Nothing here imports Ray or vLLM.
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-AGENT_IMPORT_PATH = "serve_apps.agent:build_agent_app"
+from runtime.serving.config import build_serve_config
+
 LLM_ROUTE_PREFIX = "/llm"
 GUIDED_ENGINE_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
 
@@ -42,17 +43,17 @@ def llm_spec(spec):
 
 
 def build_agent_serve_config(spec) -> dict[str, Any]:
-    """The dict ``serve deploy`` accepts: the agent app (spec embedded as args) and its LLM app."""
+    """The dict ``serve deploy`` accepts: the LLM app served beside the agent (first: the agent's
+    sessions call it) and the agent app, each with its spec embedded as args."""
     from runtime.specs import dump_spec
 
-    apps = [{"name": spec.name, "route_prefix": spec.route_prefix, "import_path": AGENT_IMPORT_PATH,
-             "args": {"spec": dump_spec(spec)}}]
+    apps = []
     lspec = llm_spec(spec)
     if lspec is not None:
-        from runtime.serving.config import build_serve_config
-
         llm_app = build_serve_config(lspec)["applications"][0]
         apps.append({**llm_app, "route_prefix": LLM_ROUTE_PREFIX})
+    apps.append({"name": spec.name, "route_prefix": spec.route_prefix, "import_path": spec.shape.serve_app,
+                 "args": {"spec": dump_spec(spec)}})
     return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": spec.port},
             "applications": apps}
 

@@ -10,13 +10,17 @@ the agent (unless ``llm.url`` points elsewhere), deploy the agent ingress, serve
 
 from __future__ import annotations
 
-import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runtime.errors import RaylaneError
+from runtime.agents.config import agent_app_config, index_uri, llm_app_name
+from runtime.agents.retrieval import build_index, read_manifest
+from runtime.agents.tools import load_tools
+from runtime.log import logger
+from runtime.ray_env import init_ray
+from runtime.serving.deploy import deploy, free_port, serve_until_interrupted
+from runtime.serving.guard import load_api_keys
 
 
 @dataclass
@@ -39,15 +43,11 @@ class AgentServeResult:
         return asdict(self)
 
 
-def _log(msg: str) -> None:
-    print(f"[agent] {msg}", file=sys.stderr, flush=True)
+_log = logger("agent")
 
 
 def ensure_index(spec) -> dict[str, Any] | None:
     """Build the retrieval index unless a complete one exists (Ray must be initialised)."""
-    from runtime.agents.config import index_uri
-    from runtime.agents.retrieval import build_index, read_manifest
-
     if spec.retrieval is None:
         return None
     uri = index_uri(spec)
@@ -63,9 +63,6 @@ def ensure_index(spec) -> dict[str, Any] | None:
 
 def prepare_app_config(spec) -> dict[str, Any]:
     """Import and check the tools, make sure the index exists, and resolve the LLM target."""
-    from runtime.agents.config import agent_app_config, index_uri
-    from runtime.agents.tools import load_tools
-
     tools = load_tools(spec.tools, spec.retrieval, index_uri(spec))
     ensure_index(spec)
     return agent_app_config(spec, tools, index_uri(spec))
@@ -74,71 +71,28 @@ def prepare_app_config(spec) -> dict[str, Any]:
 def build_agent_application(spec):
     """The Serve application for an ``AgentSpec`` (what ``serve_apps.agent`` returns)."""
     from runtime.agents.app import build_ingress
-    from runtime.ray_env import init_ray
 
     init_ray()  # inside `serve run` / a Serve controller this is the already-connected cluster
-    return build_ingress(spec, prepare_app_config(spec))
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(name: str, timeout_s: float) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(name)
-        state = str(getattr(status, "status", "")).split(".")[-1]
-        if state == "RUNNING":
-            return
-        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            msgs = [getattr(status, "message", "")] + [d.message for d in (status.deployments or {}).values()]
-            msg = next((m for m in reversed(msgs) if m), "")
-            line = next((ln.strip() for ln in reversed(msg.splitlines()) if "Error" in ln), msg[-500:])
-            raise RaylaneError(f"application {name!r} is {state}: {line}", hint="fix the cause above and run again")
-        if state != last:
-            _log(f"  {name}: {state or 'starting'}")
-            last = state
-        time.sleep(1.0)
-    raise RaylaneError(f"application {name!r} not ready after {timeout_s:.0f} s", hint="check `serve status`")
+    return build_ingress(spec, prepare_app_config(spec), forward_keys=True)
 
 
 def start_agent(spec, *, address: str | None = None, port: int | None = None, host: str = "127.0.0.1",
                 timeout_s: float = 900.0) -> AgentServeResult:
-    """Deploy the agent (and its LLM app) and return once both answer; ``port=0`` picks a free port."""
-    from runtime.agents.config import LLM_ROUTE_PREFIX, llm_app_name, llm_spec
-    from runtime.ray_env import init_ray
+    """Deploy the agent (and its LLM app) and return once both answer; ``port=0`` picks a free port.
 
+    Deploys exactly the applications of ``build_agent_serve_config(spec)`` (what ``serve deploy``
+    and a RayService get); only the proxy's host and port are local choices.
+    """
     if spec.auth == "api-key":
-        from runtime.serving.guard import load_api_keys
-
         load_api_keys()  # fail before starting anything
     info = init_ray(address)
-    from ray import serve
-
     t0 = time.perf_counter()
-    port = spec.port if port is None else (port or _free_port(host))
+    port = spec.port if port is None else (port or free_port(host))
     config = prepare_app_config(spec)
-    serve.start(http_options={"host": host, "port": port})
-    apps = []
-    lspec = llm_spec(spec)
-    if lspec is not None:
-        from runtime.serving.app import build_app
-
-        _log(f"deploying the LLM app {lspec.name!r} (model {lspec.model}); ~30 s to load on CPU")
-        serve.run(build_app(lspec), name=lspec.name, route_prefix=LLM_ROUTE_PREFIX, blocking=False)
-        _wait_ready(lspec.name, timeout_s)
-        apps.append(lspec.name)
-    from runtime.agents.app import build_ingress
-
-    serve.run(build_ingress(spec, config, forward_keys=True), name=spec.name, route_prefix=spec.route_prefix, blocking=False)
-    _wait_ready(spec.name, timeout_s)
-    apps.append(spec.name)
+    serve_config = spec.shape.serve_config(spec)
+    if spec.llm.model:
+        _log(f"deploying the LLM app {llm_app_name(spec)!r} (model {spec.llm.model}); ~30 s to load on CPU")
+    apps = deploy(serve_config, host=host, port=port, timeout_s=timeout_s)
     from runtime.agents.worker import SessionRouter
 
     router = SessionRouter(config)
@@ -154,17 +108,13 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
 
 
 def _index_info(spec) -> dict[str, Any] | None:
-    from runtime.agents.config import index_uri
-    from runtime.agents.retrieval import read_manifest
-
     if spec.retrieval is None:
         return None
     return {**(read_manifest(index_uri(spec)) or {}), "uri": index_uri(spec)}
 
 
-def stop_agent(result: AgentServeResult, spec=None) -> None:
-    """Delete the apps and the session actors (sessions stay in the store). ``spec`` is unused;
-    accepted for symmetry with ``start_agent``."""
+def stop_agent(result: AgentServeResult) -> None:
+    """Delete the apps and the session actors (sessions stay in the store)."""
     import ray
     from ray import serve
 
@@ -185,16 +135,11 @@ def run_agent(spec, *, address: str | None = None, port: int | None = None, bloc
     result = start_agent(spec, address=address, port=port)
     if not block:
         return result
-    t0 = time.perf_counter()
     try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        _log("interrupted; shutting down (sessions stay in the store)")
+        result.served_seconds = serve_until_interrupted(_log)
     finally:
-        stop_agent(result, spec)
+        stop_agent(result)  # sessions stay in the store
         from ray import serve
 
         serve.shutdown()
-    result.served_seconds = round(time.perf_counter() - t0, 1)
     return result

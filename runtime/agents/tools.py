@@ -13,7 +13,6 @@ be importable on the workers, and their return value is shown to the model as te
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import operator
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import RaylaneError
+from runtime.imports import load_callable
 
 _OPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -80,18 +80,8 @@ class Tool:
 
 
 def import_function(import_path: str) -> Callable[..., Any]:
-    module_name, _, attr = import_path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RaylaneError(
-            f"tool {import_path!r}: cannot import {module_name!r} ({e})",
-            hint="the module must be importable where the agent runs (on a cluster: in the working_dir or image)",
-        ) from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise RaylaneError(f"tool {import_path!r}: {module_name} has no function {attr!r}")
-    return fn
+    return load_callable(import_path, field="tools[].import_path",
+                         hint="the module must be importable where the agent runs (on a cluster: in the working_dir or image)")
 
 
 def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:

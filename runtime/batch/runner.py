@@ -31,6 +31,7 @@ from runtime.batch.engine import (
     load_tokenizer,
     prepare_prompts,
 )
+from runtime.log import logger
 from runtime.errors import BatchEngineError
 from runtime.specs.batch import BatchInferenceSpec
 
@@ -58,8 +59,7 @@ class BatchResult:
         return asdict(self)
 
 
-def _log(msg: str) -> None:
-    print(f"[batch] {msg}", file=sys.stderr, flush=True)
+_log = logger("batch")
 
 
 class _Progress:

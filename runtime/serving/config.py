@@ -15,12 +15,6 @@ from typing import Any
 
 from runtime.serving.autoscaling import autoscaling_config
 
-APP_IMPORT_PATH = "serve_apps.serve:build_serve_app"
-# Environment every node of a cluster that serves raylane apps needs (local clusters: set by
-# runtime.ray_env; KubeRay: rendered into the pods). HAProxy fronts each node and forwards HTTP
-# straight to the engine replica's own port (the binary comes with ray[serve] on Linux), so no
-# Ray hop sits between the client and vLLM's OpenAI server.
-SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # Engine replica health: Serve restarts a replica whose check_health fails this long.
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
@@ -41,7 +35,7 @@ def build_serve_config(spec) -> dict[str, Any]:
             {
                 "name": spec.name,
                 "route_prefix": "/",
-                "import_path": APP_IMPORT_PATH,
+                "import_path": spec.shape.serve_app,
                 "args": {"spec": dump_spec(spec)},
             }
         ],

@@ -10,13 +10,14 @@ interrupted (``raylane run``), or return once it is ready (``start_serving``, fo
 
 from __future__ import annotations
 
-import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runtime.errors import RaylaneError
+from runtime.log import logger
+from runtime.ray_env import init_ray
+from runtime.serving.deploy import deploy, free_port, serve_until_interrupted
+from runtime.serving.guard import load_api_keys
 
 
 @dataclass
@@ -37,14 +38,7 @@ class ServeResult:
         return d
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _log(msg: str) -> None:
-    print(f"[serve] {msg}", file=sys.stderr, flush=True)
+_log = logger("serve")
 
 
 def start_serving(spec, *, address: str | None = None, port: int | None = None, host: str | None = None,
@@ -52,39 +46,23 @@ def start_serving(spec, *, address: str | None = None, port: int | None = None, 
     """Deploy ``spec`` and return when its endpoint is ready (Serve keeps running).
 
     ``port=0`` picks a free port. Ray stays connected; ``stop_serving(result)`` removes the app.
+    Deploys exactly the applications of ``build_serve_config(spec)`` (what ``serve deploy`` and a
+    RayService get); only the proxy's host and port are local choices.
     """
-    from runtime.ray_env import init_ray
-    from runtime.serving.guard import load_api_keys
-
     if spec.auth == "api-key":
         load_api_keys()  # refuse before starting anything: an api-key endpoint never serves openly
     host = host or spec.host
     port = spec.port if port is None else (port or free_port(host))
     info = init_ray(address)
-    from ray import serve
-
-    from runtime.serving.app import build_app
-
     t0 = time.perf_counter()
-    app = build_app(spec)
-    serve.start(http_options={"host": host, "port": port})
+    config = spec.shape.serve_config(spec)
     _log(f"deploying {spec.name!r} (model {spec.model}); the engine takes ~30 s to load on CPU")
-    try:
-        serve.run(app, name=spec.name, route_prefix="/", blocking=False)
-        _wait_ready(spec.name, timeout_s)
-    except RaylaneError:
-        raise
-    except Exception as e:  # Serve reports a failed deploy as RuntimeError with the replica's log
-        raise RaylaneError(
-            f"serving {spec.name!r} failed to start: {_first_line(e)}",
-            hint="check the replica logs (ray dashboard or /tmp/ray/session_latest/logs/serve)",
-        ) from None
-    actual = _bound_port(port)
-    model = spec.served_model_id
-    ids = [model] + [f"{model}:{a}" for a in spec.adapters]
-    url = f"http://{host}:{actual}"
+    deploy(config, host=host, port=port, timeout_s=timeout_s)
+    url = f"http://{host}:{port}"
+    ids = spec.served_model_ids
     _log(f"ready: {url}/v1 (models: {', '.join(ids)}; auth: {spec.auth})")
-    return ServeResult(spec.name, url, ids, spec.auth, info.address, round(time.perf_counter() - t0, 1))
+    return ServeResult(spec.name, url, ids, spec.auth, info.address, round(time.perf_counter() - t0, 1),
+                       config=config)
 
 
 def stop_serving(result: ServeResult) -> None:
@@ -99,60 +77,10 @@ def run_serving(spec, *, address: str | None = None, port: int | None = None, bl
     result = start_serving(spec, address=address, port=port)
     if not block:
         return result
-    t0 = time.perf_counter()
     try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        _log("interrupted; shutting down")
+        result.served_seconds = serve_until_interrupted(_log)
     finally:
         from ray import serve
 
         serve.shutdown()
-    result.served_seconds = round(time.perf_counter() - t0, 1)
     return result
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
-        if "Error" in line or "error" in line:
-            return line.strip()[:500]
-    return text.splitlines()[0][:500] if text else type(e).__name__
-
-
-def _wait_ready(name: str, timeout_s: float) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(name)
-        state = str(getattr(status, "status", "")).split(".")[-1]
-        if state == "RUNNING":
-            return
-        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-            msg = getattr(status, "message", "") or ""
-            for dep in (getattr(status, "deployments", {}) or {}).values():
-                if getattr(dep, "message", ""):
-                    msg = dep.message
-            raise RaylaneError(f"application {name!r} is {state}: {_clean(msg)}",
-                               hint="fix the cause above and run again")
-        if state != last:
-            last = state
-            _log(f"  {name}: {state or 'starting'}")
-        time.sleep(1.0)
-    raise RaylaneError(f"application {name!r} not ready after {timeout_s:.0f} s", hint="check `serve status`")
-
-
-def _clean(msg: str) -> str:
-    """A Serve failure message without the Python traceback it wraps."""
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln and not ln.startswith(" "):
-            return ln.strip()[:800]
-    return (lines[-1] if lines else msg)[:800]
-
-
-def _bound_port(requested: int) -> int:
-    return requested

@@ -1,8 +1,12 @@
 """Workload specs: one pydantic model per shape, loaded from YAML by their ``kind:``.
 
 >>> from runtime.specs import load_spec
->>> spec = load_spec("examples/finetune.yaml")          # doctest: +SKIP
->>> spec = parse_spec({"kind": "BatchInference", ...})   # doctest: +SKIP
+>>> spec = load_spec("examples/finetune.yaml")                    # doctest: +SKIP
+>>> spec = load_spec({"kind": "BatchInference", ...})             # a mapping works too  # doctest: +SKIP
+>>> spec = load_spec("examples/serve.yaml", kind=OnlineInferenceSpec)  # refuses other kinds  # doctest: +SKIP
+
+Each spec class declares its shape (``spec.shape``: runner, job module, Serve config, KubeRay
+object, sizing, model field; see ``runtime.specs.shape``); ``KINDS`` is derived from the classes.
 
 Every validation problem is collected into one ``SpecError`` that names each bad field by its
 path (``resources.num_workers``), says what was expected, and suggests the key you meant.
@@ -24,27 +28,44 @@ from runtime.specs.agent import AgentSpec
 from runtime.specs.batch import BatchInferenceSpec
 from runtime.specs.common import Queue, Resources, SpecBase, Storage
 from runtime.specs.serving import OnlineInferenceSpec
+from runtime.specs.shape import Shape
 from runtime.specs.training import FineTuneSpec, TrainingSpec
 
-KINDS: dict[str, type[SpecBase]] = {
-    "Training": TrainingSpec,
-    "FineTune": FineTuneSpec,
-    "BatchInference": BatchInferenceSpec,
-    "OnlineInference": OnlineInferenceSpec,
-    "Agent": AgentSpec,
-}
+SPEC_CLASSES: tuple[type[SpecBase], ...] = (
+    TrainingSpec, FineTuneSpec, BatchInferenceSpec, OnlineInferenceSpec, AgentSpec,
+)
+KINDS: dict[str, type[SpecBase]] = {cls.model_fields["kind"].default: cls for cls in SPEC_CLASSES}
 
 Spec = Union[TrainingSpec, FineTuneSpec, BatchInferenceSpec, OnlineInferenceSpec, AgentSpec]
 
 __all__ = [
-    "KINDS", "Spec", "SpecBase", "Resources", "Storage", "Queue", "TrainingSpec", "FineTuneSpec",
+    "KINDS", "SPEC_CLASSES", "Shape", "Spec", "SpecBase", "Resources", "Storage", "Queue", "TrainingSpec", "FineTuneSpec",
     "BatchInferenceSpec", "OnlineInferenceSpec", "AgentSpec", "load_spec", "parse_spec", "dump_spec",
 ]
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a YAML spec file; raises ``SpecError`` listing every problem."""
-    path = Path(path)
+def load_spec(source: str | Path | dict[str, Any] | SpecBase, *, kind: type[SpecBase] | None = None,
+              entrypoint: str | None = None) -> Spec:
+    """The validated spec from a YAML file path, a mapping or a spec; raises ``SpecError`` listing
+    every problem. With ``kind``, a spec of another class is refused too (``entrypoint`` names
+    what refuses it, e.g. ``jobs.batch``): the one loader of every entrypoint."""
+    if isinstance(source, (str, Path)):
+        spec = _load_file(Path(source))
+        where = str(source)
+    else:
+        spec = parse_spec(source, source="args.spec" if isinstance(source, dict) else "<spec>")
+        where = "args.spec"
+    if kind is not None and not isinstance(spec, kind):
+        want, verb = kind.model_fields["kind"].default, "serves" if kind.shape.is_service else "runs"
+        other = spec.shape
+        use = f"serve_apps.{other.slug}" if other.is_service else f"python -m {other.job_module}"
+        raise SpecError(where, [SpecProblem("kind", f"{where} is a {spec.kind} spec; "
+                                            f"{entrypoint or 'this entrypoint'} {verb} {want} specs")],
+                        hint=f"use {use} for {spec.kind} specs, or `raylane run`")
+    return spec
+
+
+def _load_file(path: Path) -> Spec:
     source = str(path)
     if not path.is_file():
         raise SpecError(source, [SpecProblem("", "file not found")], hint="check the path to the spec YAML")

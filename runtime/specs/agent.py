@@ -10,14 +10,15 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from runtime.imports import check_import_path
 from runtime.specs.common import SpecBase, StrictModel
+from runtime.specs.shape import Shape
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class AgentLLM(StrictModel):
@@ -94,9 +95,7 @@ class ToolSpec(StrictModel):
     @field_validator("import_path")
     @classmethod
     def _path(cls, v: str) -> str:
-        if not IMPORT_PATH_RE.match(v):
-            raise ValueError(f"must be 'module:function', e.g. 'runtime.agents.tools:calculator' (got {v!r})")
-        return v
+        return check_import_path(v, example="module:function, e.g. runtime.agents.tools:calculator")
 
 
 class RetrievalSpec(StrictModel):
@@ -146,10 +145,26 @@ class SessionStoreSpec(StrictModel):
         return self
 
 
+def _run_agent(spec, **options: Any):
+    from runtime.agents.runner import run_agent  # Ray Serve loads only for a run
+
+    return run_agent(spec, **options)
+
+
+def _agent_serve_config(spec) -> dict[str, Any]:
+    from runtime.agents.config import build_agent_serve_config
+
+    return build_agent_serve_config(spec)
+
+
 class AgentSpec(SpecBase):
     """An agent served over HTTP (``kind: Agent``)."""
 
     kind: Literal["Agent"] = "Agent"
+    shape: ClassVar[Shape] = Shape(
+        slug="agent", runner=_run_agent, kuberay="RayService", sizing="always-on", model_field="llm.model",
+        serve_app="serve_apps.agent:build_agent_app", serve_config=_agent_serve_config,
+    )
     llm: AgentLLM = Field(default_factory=AgentLLM, description="The model the agent calls.")
     system_prompt: str = Field(
         "You are a helpful assistant. Use tools when they help.", description="First message of every session."

@@ -7,11 +7,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from runtime.specs.common import SpecBase, StrictModel
+from runtime.specs.shape import Shape
+
+
+def _run_batch(spec, **options: Any):
+    from runtime.batch.runner import run_batch  # Ray Data and vLLM load only for a run
+
+    return run_batch(spec, **options)
 
 
 class BatchInput(StrictModel):
@@ -68,6 +75,10 @@ class BatchInferenceSpec(SpecBase):
     """Offline generation over a corpus (``kind: BatchInference``)."""
 
     kind: Literal["BatchInference"] = "BatchInference"
+    shape: ClassVar[Shape] = Shape(
+        slug="batch", runner=_run_batch, kuberay="RayJob", sizing="elastic", job_module="jobs.batch",
+        model_field="model",
+    )
     model: str = Field(description="Model folder, 'tiny', or registry alias models:/name@alias.")
     adapter: str | None = Field(None, description="LoRA adapter folder or models:/name@alias.")
     input: BatchInput = Field(description="The corpus to run over.")

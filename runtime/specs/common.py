@@ -6,15 +6,15 @@ unknown keys (``extra="forbid"``) so a typo is an error, never a silently ignore
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from runtime.defaults import DEFAULT_STORAGE_ROOT, default_storage_root
+
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DEFAULT_STORAGE_ROOT = "~/.raylane"
 
 
 class StrictModel(BaseModel):
@@ -47,8 +47,8 @@ class Storage(StrictModel):
     """Where checkpoints, outputs, the model registry and sessions live."""
 
     root: str = Field(
-        default_factory=lambda: os.environ.get("RAYLANE_STORAGE_ROOT", DEFAULT_STORAGE_ROOT),
-        description="Local path or s3:// URI. Default $RAYLANE_STORAGE_ROOT or ~/.raylane.",
+        default_factory=default_storage_root,
+        description=f"Local path or s3:// URI. Default $RAYLANE_STORAGE_ROOT or {DEFAULT_STORAGE_ROOT}.",
     )
 
     @property
@@ -58,6 +58,10 @@ class Storage(StrictModel):
     def local_path(self) -> Path:
         """The root as an absolute local path (only for local roots)."""
         return Path(self.root).expanduser().resolve()
+
+    def resolved(self) -> str:
+        """The root as every process should see it: the URI as is, a local root made absolute."""
+        return self.root if self.is_remote else str(self.local_path())
 
 
 class Queue(StrictModel):
@@ -174,5 +178,5 @@ class SpecBase(StrictModel):
         return v
 
     def run_dir(self) -> str:
-        """Where this run's files go: ``<storage root>/<kind>/<name>``."""
+        """Where this run's files go: ``<storage root>/runs/<name>``."""
         return f"{self.storage.root.rstrip('/')}/runs/{self.name}"

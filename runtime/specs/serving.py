@@ -9,11 +9,24 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from runtime.specs.common import SpecBase, StrictModel
+from runtime.specs.shape import Shape
+
+
+def _run_serving(spec, **options: Any):
+    from runtime.serving.runner import run_serving  # Ray Serve loads only for a run
+
+    return run_serving(spec, **options)
+
+
+def _serve_config(spec) -> dict[str, Any]:
+    from runtime.serving.config import build_serve_config
+
+    return build_serve_config(spec)
 
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -82,6 +95,10 @@ class OnlineInferenceSpec(SpecBase):
     """A served model (``kind: OnlineInference``): ray.serve.llm + vLLM behind raylane's ingress."""
 
     kind: Literal["OnlineInference"] = "OnlineInference"
+    shape: ClassVar[Shape] = Shape(
+        slug="serve", runner=_run_serving, kuberay="RayService", sizing="serve", model_field="model",
+        serve_app="serve_apps.serve:build_serve_app", serve_config=_serve_config,
+    )
     model: str = Field(description="Model folder, 'tiny', or registry alias models:/name@alias.")
     model_id: str | None = Field(None, description="Name clients send as 'model'; default = spec name.")
     adapters: dict[str, str] = Field(
@@ -124,6 +141,11 @@ class OnlineInferenceSpec(SpecBase):
     @property
     def served_model_id(self) -> str:
         return self.model_id or self.name
+
+    @property
+    def served_model_ids(self) -> list[str]:
+        """Every id clients may send as ``model``: the base model, then ``<id>:<adapter>`` each."""
+        return [self.served_model_id] + [f"{self.served_model_id}:{a}" for a in self.adapters]
 
     @property
     def request_max_tokens(self) -> int:

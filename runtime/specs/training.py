@@ -7,20 +7,19 @@
 
 from __future__ import annotations
 
-import re
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from runtime.imports import check_import_path
 from runtime.specs.common import SpecBase, StrictModel
+from runtime.specs.shape import Shape
+from runtime.training import run_finetune, run_training  # light: Ray Train loads when they run
 
-IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _import_path(v: str | None) -> str | None:
-    if v is not None and not IMPORT_PATH_RE.match(v):
-        raise ValueError(f"must be an import path 'package.module:function', got {v!r}")
-    return v
+    return check_import_path(v)
 
 
 class DatasetSpec(StrictModel):
@@ -160,11 +159,19 @@ class _TrainShape(SpecBase):
     def registered_name(self) -> str:
         return self.registry.model_name or self.name
 
+    def with_run_name(self, name: str):
+        """The same spec as a fresh run called ``name``, registering under the same model name."""
+        registry = self.registry.model_copy(update={"model_name": self.registered_name()})
+        return self.model_copy(update={"name": name, "registry": registry})
+
 
 class TrainingSpec(_TrainShape):
     """Causal-LM training from a model config with Ray Train (``kind: Training``)."""
 
     kind: Literal["Training"] = "Training"
+    shape: ClassVar[Shape] = Shape(
+        slug="train", runner=run_training, kuberay="RayJob", sizing="gang", job_module="jobs.train",
+    )
     model: ModelConfigSpec = Field(default_factory=ModelConfigSpec, description="Architecture to train.")
 
 
@@ -183,6 +190,10 @@ class FineTuneSpec(_TrainShape):
     """LoRA fine-tuning of a base causal LM with Ray Train and peft (``kind: FineTune``)."""
 
     kind: Literal["FineTune"] = "FineTune"
+    shape: ClassVar[Shape] = Shape(
+        slug="finetune", runner=run_finetune, kuberay="RayJob", sizing="gang", job_module="jobs.finetune",
+        model_field="base_model",
+    )
     base_model: str = Field(
         description="Base model: HF model folder, 'tiny' (raylane's embedded model) or models:/name@alias."
     )

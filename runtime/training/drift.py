@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from runtime.errors import RaylaneError
+from runtime.log import logger
+
+_log = logger("train")
 
 
 @dataclass
@@ -53,13 +56,13 @@ def check_drift(spec, *, address: str | None = None, submit: bool = True, spec_p
     from runtime.registry import CHAMPION, Registry
     from runtime.training.data import load_documents, pack
     from runtime.training.evaluate import evaluate_model
-    from runtime.training.runner import _storage_root
+    from runtime.training.runner import run_train_spec
 
     if spec.kind != "FineTune" or spec.drift is None:
         raise RaylaneError(f"{spec.name}: drift checks need a FineTune spec with a 'drift:' section",
                            hint="add drift: {data: {path: recent.jsonl}, max_degradation: 0.1}")
     name = spec.registered_name()
-    reg = Registry(_storage_root(spec))
+    reg = Registry(spec.storage.resolved())
     champ = reg.alias(name, CHAMPION)
     recorded = champ.metrics.get("eval_loss") if champ else None
     recent = None
@@ -78,7 +81,7 @@ def check_drift(spec, *, address: str | None = None, submit: bool = True, spec_p
         why = ("no champion with an eval_loss yet" if deg is None else
                f"champion v{champ.version}: eval_loss {recorded:.4f} -> {recent:.4f} on recent data ({deg:+.1%}, "
                f"threshold {spec.drift.max_degradation:.0%})")
-        print(f"[raylane] drift check {name}: {why}", file=sys.stderr, flush=True)
+        _log(f"drift check {name}: {why}")
         result = DriftResult(name, champ.version if champ else None, recorded, recent, deg,
                              spec.drift.max_degradation, degraded, "none")
         if not degraded:
@@ -99,10 +102,6 @@ def check_drift(spec, *, address: str | None = None, submit: bool = True, spec_p
             )
             result.action = "submitted"
             return result
-        from runtime.training import run_finetune
-
-        fresh = spec.model_copy(update={"name": run_name,
-                                        "registry": spec.registry.model_copy(update={"model_name": name})})
-        result.finetune = run_finetune(fresh, address=address).to_dict()
+        result.finetune = run_train_spec(spec.with_run_name(run_name), address=address).to_dict()
         result.action = "fine-tuned"
         return result

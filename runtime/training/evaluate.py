@@ -66,7 +66,7 @@ def evaluate_model(model_dir: str, blocks, *, batch_size: int = 8, metric: str |
     if metric:
         from runtime.training.loop import import_path
 
-        value = import_path(metric)(model_dir, texts or [])
+        value = import_path(metric, "eval.metric")(model_dir, texts or [])
         out.update(value if isinstance(value, dict) else {metric.rpartition(":")[2]: float(value)})
     return out
 

@@ -9,7 +9,6 @@ history and the spec beside them) and progress. A recipe only builds the model; 
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -20,13 +19,14 @@ import sys
 import tempfile
 import time
 
+from runtime.imports import load_callable
+
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
 
 
-def import_path(target: str):
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def import_path(target: str, field: str = "train.step_fn"):
+    return load_callable(target, field=field)
 
 
 def causal_lm_loss(model, batch, step):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from runtime import storage
+from runtime.log import logger
 from runtime.errors import RaylaneError, TrainingDiverged
 
 
@@ -47,8 +48,7 @@ class TrainResult:
         return asdict(self)
 
 
-def _log(msg: str) -> None:
-    print(f"[raylane] {msg}", file=sys.stderr, flush=True)
+_log = logger("train")
 
 
 @dataclass
@@ -61,10 +61,6 @@ class Prepared:
     base_model: str | None
 
 
-def _storage_root(spec) -> str:
-    return spec.storage.root if spec.storage.is_remote else str(spec.storage.local_path())
-
-
 def prepare(spec) -> Prepared:
     """Tokenizer, data split and packing, and the worker config; no Ray needed."""
     import yaml
@@ -74,7 +70,7 @@ def prepare(spec) -> Prepared:
     from runtime.specs import dump_spec
     from runtime.training.data import fingerprint, load_documents, pack, split, steps_per_epoch
 
-    root = _storage_root(spec)
+    root = spec.storage.resolved()
     cfg: dict[str, Any] = {
         "name": spec.name, "optim": spec.train.model_dump(), "run_dir": storage.join(root, "runs", spec.name),
         "spec_yaml": yaml.safe_dump(dump_spec(spec), sort_keys=False),
@@ -158,7 +154,7 @@ def _fit(spec, prep: Prepared):
         ),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=storage.join(_storage_root(spec), "runs"),
+            storage_path=storage.join(spec.storage.resolved(), "runs"),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
@@ -239,7 +235,7 @@ def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult
         _copy_dir(ckpt.filesystem, storage.join(ckpt.path, "model"), model_uri)
         model_dir = _local_dir(model_uri) or model_uri
 
-        reg = Registry(_storage_root(spec)) if spec.registry.enabled else None
+        reg = Registry(spec.storage.resolved()) if spec.registry.enabled else None
         name = spec.registered_name()
         champion = reg.alias(name, CHAMPION) if reg else None
         _log(f"{spec.name}: evaluating step {final_step}" + (f" and champion v{champion.version}" if champion else ""))

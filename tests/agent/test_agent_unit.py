@@ -151,7 +151,7 @@ def test_serve_config_has_agent_and_llm_apps_with_the_spec_embedded():
 
     spec = load_spec(EXAMPLES / "agent.yaml")
     cfg = build_agent_serve_config(spec)
-    agent, llm = cfg["applications"]
+    llm, agent = cfg["applications"]  # dependencies first: deployed in this order
     assert agent["import_path"] == "serve_apps.agent:build_agent_app"
     assert parse_spec(agent["args"]["spec"]) == spec
     assert llm["name"] == "helper-llm" and llm["route_prefix"] == "/llm"

@@ -1,0 +1,107 @@
+"""One way to put raylane's Serve applications on a cluster: exactly what a Serve config lists.
+
+>>> from runtime.serving.deploy import deploy
+>>> deploy(spec.shape.serve_config(spec), host="127.0.0.1", port=8000)   # doctest: +SKIP
+['chat']
+
+``raylane run`` (serving and agents), ``serve deploy`` and a KubeRay RayService all start from the
+same config (``build_serve_config`` / ``build_agent_serve_config``): for each application, its
+``import_path`` called with its ``args``, under its ``name`` and ``route_prefix``. Local runs only
+choose where the proxy listens, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from runtime.errors import RaylaneError
+from runtime.imports import load_callable
+from runtime.log import logger
+
+_log = logger("serve")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def deploy(config: dict[str, Any], *, host: str, port: int, timeout_s: float = 900.0) -> list[str]:
+    """Start Serve's proxy on ``host:port`` and deploy every application of ``config`` (a Serve
+    config dict); returns their names once each is RUNNING. A failed deploy is one RaylaneError."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port},
+                proxy_location=config.get("proxy_location", "EveryNode"))
+    names = []
+    for app in config["applications"]:
+        builder = load_callable(app["import_path"], field=f"applications[{app['name']}].import_path")
+        try:
+            serve.run(builder(app.get("args") or {}), name=app["name"], route_prefix=app["route_prefix"],
+                      blocking=False)
+            wait_ready(app["name"], timeout_s)
+        except RaylaneError:
+            raise
+        except Exception as e:  # Serve reports a failed deploy as RuntimeError with the replica's log
+            raise RaylaneError(
+                f"serving {app['name']!r} failed to start: {_first_line(e)}",
+                hint="check the replica logs (ray dashboard or /tmp/ray/session_latest/logs/serve)",
+            ) from None
+        names.append(app["name"])
+    return names
+
+
+def wait_ready(name: str, timeout_s: float) -> None:
+    """Return once the Serve application ``name`` is RUNNING; raise with its error if it failed."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        state = str(getattr(status, "status", "")).split(".")[-1]
+        if state == "RUNNING":
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            msg = getattr(status, "message", "") or ""
+            for dep in (getattr(status, "deployments", {}) or {}).values():
+                if getattr(dep, "message", ""):
+                    msg = dep.message
+            raise RaylaneError(f"application {name!r} is {state}: {_clean(msg)}",
+                               hint="fix the cause above and run again")
+        if state != last:
+            last = state
+            _log(f"  {name}: {state or 'starting'}")
+        time.sleep(1.0)
+    raise RaylaneError(f"application {name!r} not ready after {timeout_s:.0f} s", hint="check `serve status`")
+
+
+def serve_until_interrupted(log) -> float:
+    """Block until Ctrl-C; returns the seconds served (``raylane run`` for the served shapes)."""
+    t0 = time.perf_counter()
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        log("interrupted; shutting down")
+    return round(time.perf_counter() - t0, 1)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "Error" in line or "error" in line:
+            return line.strip()[:500]
+    return text.splitlines()[0][:500] if text else type(e).__name__
+
+
+def _clean(msg: str) -> str:
+    """A Serve failure message without the Python traceback it wraps."""
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln and not ln.startswith(" "):
+            return ln.strip()[:800]
+    return (lines[-1] if lines else msg)[:800]
