@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,11 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from runtime.serving.deploy import free_port
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -42,7 +37,7 @@ def _pct(xs: list[float], q: float) -> float:
 def start_vllm(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
          "tiny", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
@@ -154,7 +149,7 @@ def main() -> None:
         wall, lat, replies = asyncio.run(agent_sessions(served.url, args.sessions, prompt))
         ok = sum(1 for r in replies if r.get("reply") is not None)
         conc_overhead = [st["overhead_ms"] for r in replies for st in r["steps"]]
-        stop_agent(served, spec)
+        stop_agent(served)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.serving.deploy import free_port
+
 PROMPT = "Ray Serve and vLLM serve this benchmark prompt"
 
 
@@ -112,12 +114,6 @@ async def load(url: str, model: str, *, concurrency: int, requests: int, max_tok
     return res
 
 
-def _free_port() -> int:
-    from runtime.serving.runner import free_port
-
-    return free_port()
-
-
 def _wait_http(url: str, timeout_s: float, proc=None) -> None:
     import httpx
 
@@ -135,7 +131,7 @@ def _wait_http(url: str, timeout_s: float, proc=None) -> None:
 
 
 def bench_bare(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list[tuple[int, int]], max_tokens: int):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1",
            "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), "--enforce-eager",

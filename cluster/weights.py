@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.models import WEIGHTS_MARKER as MARKER
+
 VOLUME = "raylane-weights"
 
 

@@ -9,9 +9,8 @@ import importlib
 import pkgutil
 import sys
 
-from runtime.errors import RaylaneError
-
 import raylane.commands as commands_pkg
+from runtime.errors import RaylaneError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from runtime.serving.deploy import free_port  # noqa: F401  (re-exported for tests)
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -23,10 +24,6 @@ class Head:
     gcs_address: str  # what ray.init / `serve run --address` take
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_of_session(temp_dir: str) -> set[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runtime.serving.deploy import free_port
 from tests.conftest import EXAMPLES, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -26,17 +26,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BUCKET = "raylane-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_env():
     """A local S3 API; its credentials and endpoint in this process's environment (and so in the
     local Ray cluster the module starts after this fixture)."""
-    port = _free_port()
+    port = free_port()
     server = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

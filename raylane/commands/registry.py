@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from raylane.commands._common import add_json
 from raylane.output import json_stdout
 from runtime.defaults import default_storage_root

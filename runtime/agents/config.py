@@ -74,10 +74,7 @@ def agent_app_config(spec, tools: list, index_uri: str | None) -> dict[str, Any]
         "index": index_uri,
         "llm": llm,
         "store": {"backend": spec.sessions.backend, "url": spec.sessions.url, "run_dir": _local_run_dir(spec)},
-        "loop": {"app": loop.app, "system_prompt": loop.system_prompt, "budgets": loop.budgets,
-                 "max_tokens": loop.max_tokens, "temperature": loop.temperature, "timeout_s": loop.timeout_s,
-                 "guided_json": loop.guided_json, "tool_choice": loop.tool_choice,
-                 "max_tool_rounds": loop.max_tool_rounds, "max_answer_chars": loop.max_answer_chars},
+        "loop": loop,  # the AgentConfig itself: every actor gets the same typed settings
     }
 
 

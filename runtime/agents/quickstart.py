@@ -37,7 +37,7 @@ def stage_agent(ctx) -> dict[str, Any]:
             reply = r.json()
             session = client.get(f"/sessions/{sid}").json()
     finally:
-        stop_agent(served, spec)
+        stop_agent(served)
     for s in session["steps"]:
         what = s["tool"]["name"] + ("" if s["tool"]["ok"] else " (failed)") if s.get("tool") else s["action"]
         print(f"[quickstart]   step {s['n']}: {what} ({s['seconds']:.2f} s)", file=sys.stderr, flush=True)

@@ -53,8 +53,7 @@ class SessionWorkerImpl:
 
         configure_exporter()
         self.app_config = app_config
-        cfg = dict(app_config["loop"])
-        self.config = AgentConfig(tools=app_config["tools"], **cfg)
+        self.config: AgentConfig = app_config["loop"]
         st = app_config["store"]
         self.store = open_store(st["backend"], st["url"], st["run_dir"], app_config["app"])
         self.metrics = AgentMetrics(app_config["app"])

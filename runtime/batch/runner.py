@@ -5,20 +5,20 @@
 >>> r = run_batch(load_spec("examples/batch.yaml"))      # doctest: +SKIP
 >>> r.rows_in == r.rows_out + r.rows_error                # doctest: +SKIP
 
-1. read the input, cut it into deterministic shards, check the output folder's plan;
-2. skip shards that already have a commit record;
-3. route empty and over-long prompts straight to error rows;
-4. stream the remaining rows through a ``ray.data.llm`` vLLM processor; as soon as every row of
-   a shard is back, commit the shard (file, then commit record);
-5. write the manifest and verify the whole output; ``ok`` is False on any gap or duplicate.
+1. plan: read the input, cut it into deterministic shards, check the output folder's plan, and
+   skip shards that already have a commit record;
+2. run: route empty and over-long prompts straight to error rows, stream the remaining rows
+   through a ``ray.data.llm`` vLLM processor, and as soon as every row of a shard is back, commit
+   the shard (file, then commit record);
+3. manifest, then verify the whole output; ``ok`` is False on any gap or duplicate.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from runtime.batch import shards as sh
 from runtime.batch.engine import (
@@ -31,8 +31,8 @@ from runtime.batch.engine import (
     load_tokenizer,
     prepare_prompts,
 )
-from runtime.log import logger
 from runtime.errors import BatchEngineError
+from runtime.log import logger
 from runtime.specs.batch import BatchInferenceSpec
 
 
@@ -81,14 +81,47 @@ class _Progress:
 
 
 def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, **_options) -> BatchResult:
-    """Run (or resume) ``spec``; returns counts, the manifest URI and whether verification passed."""
-    from runtime.models import resolve_model
+    """Run (or resume) ``spec``; returns counts, the manifest URI and whether verification passed.
 
+    Four steps: plan (shards and the output folder's plan) -> run (route outliers, generate,
+    commit each shard as it completes) -> manifest -> verify.
+    """
     t0 = time.perf_counter()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    plan = _plan(spec)
+    run = _Run(spec, plan, run_id)
+    if plan.pending:
+        run.generate(address)
+    manifest_uri = sh.write_manifest(plan.out, run.manifest())
+    report = sh.verify_output(plan.out)
+    seconds = time.perf_counter() - t0
+    if not report.ok:
+        _log("INCOMPLETE: " + "; ".join(report.problems[:5]))
+    return BatchResult(
+        ok=report.ok, name=spec.name, output=plan.out, manifest=manifest_uri, run_id=run_id,
+        rows_in=len(plan.ids), rows_out=report.rows_out, rows_error=report.rows_error,
+        shards_total=len(plan.ranges), shards_skipped=len(plan.committed), shards_run=len(plan.pending),
+        rows_run=run.rows_run, output_tokens=run.tokens_run, seconds=round(seconds, 2),
+        tokens_per_s=round(run.tokens_run / seconds, 1) if seconds else 0.0, problems=report.problems,
+    )
+
+
+@dataclass
+class _BatchPlan:
+    out: str
+    table: Any  # the input (pyarrow Table)
+    text_col: str
+    ids: list[str]
+    ranges: list[tuple[int, int]]
+    committed: dict[int, sh.CommitRecord]
+    pending: list[int]
+
+
+def _plan(spec: BatchInferenceSpec) -> _BatchPlan:
+    """Read the input, cut it into deterministic shards, check the output folder's shard plan,
+    and find the shards an earlier run already committed."""
     out, fmt = spec.output_path(), spec.output.format
     text_col = spec.input.messages_column or spec.input.prompt_column or ""
-
     table = sh.read_input(spec.input.path, spec.input.format)
     ids = sh.check_columns(table, spec.input.id_column, text_col)
     ranges = sh.shard_ranges(len(ids), spec.rows_per_shard)
@@ -100,71 +133,83 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, **_option
     committed = sh.read_commits(out)
     pending = [i for i in range(len(ranges)) if i not in committed]
     _log(f"{len(ids)} rows in {len(ranges)} shards; {len(committed)} already committed, {len(pending)} to run")
+    return _BatchPlan(out, table, text_col, ids, ranges, committed, pending)
 
-    records: dict[int, sh.CommitRecord] = dict(committed)
-    tokens_run = rows_run = 0
-    if pending:
+
+class _Run:
+    """One run over the pending shards: rows gather per shard; a complete shard commits at once."""
+
+    def __init__(self, spec: BatchInferenceSpec, plan: _BatchPlan, run_id: str):
+        self.spec, self.plan, self.run_id = spec, plan, run_id
+        self.records: dict[int, sh.CommitRecord] = dict(plan.committed)
+        self.buffers: dict[int, dict[str, dict]] = {i: {} for i in plan.pending}
+        self.expected = {i: plan.ranges[i][1] - plan.ranges[i][0] for i in plan.pending}
+        self.tokens_run = self.rows_run = 0
+        self.progress = _Progress(len(plan.ids), sum(r.rows for r in plan.committed.values()))
+
+    def generate(self, address: str | None) -> None:
+        """Route outliers to error rows, stream the rest through the engine, commit as shards fill."""
+        from runtime.models import resolve_model
+
+        spec = self.spec
         model_dir = resolve_model(spec.model, spec.storage.root)
         adapter_dir = resolve_model(spec.adapter, spec.storage.root) if spec.adapter else None
-        tokenizer = load_tokenizer(model_dir)
-        texts = table.column(text_col).to_pylist()
-        progress = _Progress(len(ids), sum(r.rows for r in committed.values()))
+        engine_rows = self._route(load_tokenizer(model_dir))
+        for i in list(self.plan.pending):
+            self.maybe_commit(i)  # shards made only of error rows
+        if not engine_rows:
+            return
+        try:
+            _run_engine(spec, address, model_dir, adapter_dir, engine_rows, self)
+        except Exception as e:
+            # Committed shards stay committed; record where the run stopped, then explain.
+            sh.write_manifest(self.plan.out, self.manifest())
+            last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            raise BatchEngineError(
+                f"the vLLM engine stage failed after {len(self.records)}/{len(self.plan.ranges)} shards were "
+                f"committed: {type(e).__name__}: {last_line}",
+                hint="fix the cause (engine_kwargs, resources, model) and rerun the same spec: committed "
+                "shards are skipped; --debug shows the traceback",
+            ) from e
 
-        buffers: dict[int, dict[str, dict]] = {i: {} for i in pending}
-        expected = {i: ranges[i][1] - ranges[i][0] for i in pending}
-        engine_rows: list[dict] = []
-        for i in pending:
-            lo, hi = ranges[i]
-            for row_id, prompt in zip(ids[lo:hi], prepare_prompts(spec, texts[lo:hi], tokenizer)):
+    def _route(self, tokenizer) -> list[dict]:
+        """Empty, malformed and over-long prompts become error rows; the rest become engine rows."""
+        plan, rows = self.plan, []
+        texts = plan.table.column(plan.text_col).to_pylist()
+        for i in plan.pending:
+            lo, hi = plan.ranges[i]
+            for row_id, prompt in zip(plan.ids[lo:hi], prepare_prompts(self.spec, texts[lo:hi], tokenizer)):
                 if isinstance(prompt, str):
-                    buffers[i][row_id] = {"id": row_id, "output": None, "error": prompt,
-                                          "num_input_tokens": 0, "num_output_tokens": 0}
+                    self.buffers[i][row_id] = {"id": row_id, "output": None, "error": prompt,
+                                               "num_input_tokens": 0, "num_output_tokens": 0}
                 else:
-                    engine_rows.append({ID: row_id, SHARD: i, "tokenized_prompt": prompt})
+                    rows.append({ID: row_id, SHARD: i, "tokenized_prompt": prompt})
+        return rows
 
-        def maybe_commit(i: int) -> None:
-            nonlocal tokens_run, rows_run
-            if i in records or len(buffers[i]) < expected[i]:
-                return
-            rec = sh.commit_shard(out, fmt, i, list(buffers.pop(i).values()), run_id)
-            records[i] = rec
-            tokens_run += rec.output_tokens
-            rows_run += rec.rows
-            progress.add(rec.rows, rec.output_tokens, force=len(records) == len(ranges))
+    def add(self, row) -> None:
+        """One engine output row; a retried task (a killed worker) can return a row again: the first copy wins."""
+        i = int(row[SHARD])
+        buf = self.buffers.get(i)
+        if i in self.records or buf is None or str(row[ID]) in buf:
+            return
+        buf[str(row[ID])] = engine_row(row)
+        self.maybe_commit(i)
 
-        for i in list(pending):
-            maybe_commit(i)  # shards made only of error rows
-        if engine_rows:
-            try:
-                _run_engine(spec, address, model_dir, adapter_dir, engine_rows, buffers, records, maybe_commit,
-                            progress)
-            except Exception as e:
-                # Committed shards stay committed; record where the run stopped, then explain.
-                sh.write_manifest(out, _manifest(spec, run_id, ranges, records, committed))
-                last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-                raise BatchEngineError(
-                    f"the vLLM engine stage failed after {len(records)}/{len(ranges)} shards were committed: "
-                    f"{type(e).__name__}: {last_line}",
-                    hint="fix the cause (engine_kwargs, resources, model) and rerun the same spec: committed "
-                    "shards are skipped; --debug shows the traceback",
-                ) from e
+    def maybe_commit(self, i: int) -> None:
+        if i in self.records or len(self.buffers[i]) < self.expected[i]:
+            return
+        rec = sh.commit_shard(self.plan.out, self.spec.output.format, i, list(self.buffers.pop(i).values()),
+                              self.run_id)
+        self.records[i] = rec
+        self.tokens_run += rec.output_tokens
+        self.rows_run += rec.rows
+        self.progress.add(rec.rows, rec.output_tokens, force=len(self.records) == len(self.plan.ranges))
 
-    manifest = _manifest(spec, run_id, ranges, records, committed)
-    manifest_uri = sh.write_manifest(out, manifest)
-    report = sh.verify_output(out)
-    seconds = time.perf_counter() - t0
-    if not report.ok:
-        _log("INCOMPLETE: " + "; ".join(report.problems[:5]))
-    return BatchResult(
-        ok=report.ok, name=spec.name, output=out, manifest=manifest_uri, run_id=run_id,
-        rows_in=len(ids), rows_out=report.rows_out, rows_error=report.rows_error,
-        shards_total=len(ranges), shards_skipped=len(committed), shards_run=len(pending),
-        rows_run=rows_run, output_tokens=tokens_run, seconds=round(seconds, 2),
-        tokens_per_s=round(tokens_run / seconds, 1) if seconds else 0.0, problems=report.problems,
-    )
+    def manifest(self) -> dict:
+        return _manifest(self.spec, self.run_id, self.plan.ranges, self.records, self.plan.committed)
 
 
-def _run_engine(spec, address, model_dir, adapter_dir, rows, buffers, records, maybe_commit, progress) -> None:
+def _run_engine(spec, address, model_dir, adapter_dir, rows, run: _Run) -> None:
     import ray
 
     from runtime.ray_env import ray_session
@@ -176,13 +221,7 @@ def _run_engine(spec, address, model_dir, adapter_dir, rows, buffers, records, m
         ds = processor(ray.data.from_items(engine_input(spec, adapter_dir, rows), override_num_blocks=blocks))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in engine_output(batch):
-                i = int(row[SHARD])
-                buf = buffers.get(i)
-                # A retried task (a killed worker) can return a row again: the first copy wins.
-                if i in records or buf is None or str(row[ID]) in buf:
-                    continue
-                buf[str(row[ID])] = engine_row(row)
-                maybe_commit(i)
+                run.add(row)
 
 
 def _manifest(spec, run_id, ranges, records, committed_before) -> dict:

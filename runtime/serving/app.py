@@ -30,6 +30,7 @@ from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from runtime.serving import config as cfg
+from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
 from runtime.serving.guard import (
     ENV_KEYS,
     ENV_KEYS_FILE,
@@ -39,7 +40,6 @@ from runtime.serving.guard import (
     RateLimiter,
     load_api_keys,
 )
-from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
 from runtime.serving.streaming import first_then_batched
 from runtime.serving.validation import request_validator
 

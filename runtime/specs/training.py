@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,7 +15,6 @@ from runtime.imports import check_import_path
 from runtime.specs.common import SpecBase, StrictModel
 from runtime.specs.shape import Shape
 from runtime.training import run_finetune, run_training  # light: Ray Train loads when they run
-
 
 
 def _import_path(v: str | None) -> str | None:

@@ -9,7 +9,6 @@ name, so the eval gate decides whether it replaces the champion.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any

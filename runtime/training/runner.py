@@ -13,14 +13,13 @@ driver alike.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from runtime import storage
-from runtime.log import logger
 from runtime.errors import RaylaneError, TrainingDiverged
+from runtime.log import logger
 
 
 @dataclass

@@ -42,15 +42,15 @@ def agents(vllm_url, storage_root, redis_url, ray_local):
         "search": agent_spec("search", vllm_url, storage_root, retrieval={"corpus": "sample", "min_score": 0.99},
                            sessions={"backend": "redis", "url": redis_url}, llm={"max_tool_rounds": 1}),
     }
-    from runtime.agents.runner import _free_port
+    from runtime.serving.deploy import free_port
 
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     results = {k: start_agent(s, port=port, timeout_s=300) for k, s in specs.items()}
     client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     yield specs, results, client
     client.close()
     for k, r in results.items():
-        stop_agent(r, specs[k])
+        stop_agent(r)
     serve.shutdown()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

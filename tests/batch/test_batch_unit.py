@@ -195,11 +195,11 @@ def test_an_engine_failure_keeps_committed_shards_and_says_how_to_resume(tiny_mo
     spec = _spec(model=str(tiny_model), input={"path": str(corpus)},
                  output={"path": str(tmp_path / "out"), "format": "jsonl"}, rows_per_shard=3)
 
-    def half_engine(spec, address, model_dir, adapter_dir, rows, buffers, records, maybe_commit, progress):
+    def half_engine(spec, address, model_dir, adapter_dir, rows, run):
         for r in rows[:3]:
-            buffers[r["__rl_shard"]][r["__rl_id"]] = {"id": r["__rl_id"], "output": "x", "error": None,
-                                                      "num_input_tokens": 1, "num_output_tokens": 1}
-            maybe_commit(r["__rl_shard"])
+            run.buffers[r["__rl_shard"]][r["__rl_id"]] = {"id": r["__rl_id"], "output": "x", "error": None,
+                                                          "num_input_tokens": 1, "num_output_tokens": 1}
+            run.maybe_commit(r["__rl_shard"])
         raise RuntimeError("engine died\nEngineDeadError: out of memory")
 
     monkeypatch.setattr(runner, "_run_engine", half_engine)

@@ -52,7 +52,7 @@ def test_api_key_auth_without_keys_refuses_to_start():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_raylane_run_serves_until_interrupted(tmp_path, tiny_model):
-    from runtime.serving.runner import free_port
+    from runtime.serving.deploy import free_port
 
     spec = yaml.safe_load((EXAMPLES / "serve.yaml").read_text())
     port = free_port()
