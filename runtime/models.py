@@ -1,8 +1,11 @@
-"""Model references: what a spec's ``model:`` field may say, resolved to a local folder.
+"""Model references: what a spec's ``model:`` field may say, resolved to what vLLM or Ray Train loads.
 
 - ``tiny`` or ``tiny:SEED``: raylane's embedded random-weight Llama, written under the storage root
-- a local folder with a Hugging Face model (config.json + weights + tokenizer)
-- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the MLflow model registry
+- a local folder with a Hugging Face model (config.json + weights + tokenizer), or a LoRA adapter folder
+- ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the MLflow model registry (a local copy)
+- a remote URI (``s3://...``): passed through for the engine to read
+
+``stage_model`` copies any of these once into a folder (the KubeRay weight cache).
 """
 
 from __future__ import annotations
@@ -43,13 +46,8 @@ def resolve_model(ref: str, storage_root: str = DEFAULT_STORAGE_ROOT) -> str:
         seed = tiny_seed(ref)
         return str(write_tiny_model(tiny_model_dir(storage_root, seed), seed=seed))
     if ref.startswith("models:/"):
-        try:
-            from runtime.registry import resolve_registry_uri  # arrives with the model registry
-        except ImportError:
-            raise RaylaneError(
-                f"model {ref!r} is a registry alias, but this raylane has no model registry",
-                hint="use a model folder or 'tiny'",
-            ) from None
+        from runtime.registry import resolve_registry_uri  # MLflow loads only for a registry reference
+
         return resolve_registry_uri(ref, storage_root)
     if "://" in ref:
         return ref

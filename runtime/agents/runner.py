@@ -135,11 +135,5 @@ def run_agent(spec, *, address: str | None = None, port: int | None = None, bloc
     result = start_agent(spec, address=address, port=port)
     if not block:
         return result
-    try:
-        result.served_seconds = serve_until_interrupted(_log)
-    finally:
-        stop_agent(result)  # sessions stay in the store
-        from ray import serve
-
-        serve.shutdown()
+    result.served_seconds = serve_until_interrupted(_log, on_exit=lambda: stop_agent(result))  # sessions stay
     return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runtime.errors import RaylaneError
@@ -79,14 +80,21 @@ def wait_ready(name: str, timeout_s: float) -> None:
     raise RaylaneError(f"application {name!r} not ready after {timeout_s:.0f} s", hint="check `serve status`")
 
 
-def serve_until_interrupted(log) -> float:
-    """Block until Ctrl-C; returns the seconds served (``raylane run`` for the served shapes)."""
+def serve_until_interrupted(log, on_exit: Callable[[], None] | None = None) -> float:
+    """Block until Ctrl-C, then run ``on_exit`` and shut Serve down; returns the seconds served
+    (``raylane run`` for the served shapes)."""
+    from ray import serve
+
     t0 = time.perf_counter()
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         log("interrupted; shutting down")
+    finally:
+        if on_exit is not None:
+            on_exit()
+        serve.shutdown()
     return round(time.perf_counter() - t0, 1)
 
 

@@ -77,10 +77,5 @@ def run_serving(spec, *, address: str | None = None, port: int | None = None, bl
     result = start_serving(spec, address=address, port=port)
     if not block:
         return result
-    try:
-        result.served_seconds = serve_until_interrupted(_log)
-    finally:
-        from ray import serve
-
-        serve.shutdown()
+    result.served_seconds = serve_until_interrupted(_log)
     return result

@@ -177,7 +177,8 @@ class AgentSpec(SpecBase):
     auth: Literal["api-key", "none"] = Field(
         "api-key", description="api-key: require a key from RAYLANE_API_KEYS (comma-separated); none: open."
     )
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy for `raylane run`.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy: `raylane run` and the "
+                      "rendered Serve config / RayService.")
     route_prefix: str = Field("/", description="Route prefix of the agent app.")
 
     @model_validator(mode="after")

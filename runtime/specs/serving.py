@@ -135,8 +135,13 @@ class OnlineInferenceSpec(SpecBase):
     rate_limit: RateLimitSpec | None = Field(
         default_factory=RateLimitSpec, description="Per-key request rate limit; null disables it."
     )
-    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds for `raylane run`.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port for `raylane run`.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address Serve's proxy binds for `raylane run` (a local run); the rendered Serve "
+        "config and RayService bind 0.0.0.0 inside the cluster.",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy: `raylane run` and the "
+                      "rendered Serve config / RayService.")
 
     @property
     def served_model_id(self) -> str:
