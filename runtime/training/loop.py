@@ -48,32 +48,15 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def build_model(cfg: dict):
-    """The recipe: a Llama from a config (``causal_lm``) or a base model wrapped in LoRA (``lora``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(cfg["optim"]["seed"])
-    if cfg["recipe"] == "causal_lm":
-        return LlamaForCausalLM(LlamaConfig(**cfg["model_config"]))
-    from peft import LoraConfig, get_peft_model
-
-    base = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=torch.float32)
-    lora = cfg["lora"]
-    return get_peft_model(base, LoraConfig(
-        r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"], task_type="CAUSAL_LM",
-    ))
+    """The recipe's model (``runtime.training.recipes``): a Llama from a config, or LoRA on a base."""
+    return cfg["recipe"].build(cfg["optim"]["seed"])
 
 
 def prepare_checkpointing(model, cfg: dict):
     """Pay a checkpoint's one-time costs before the loop, not at its first checkpoint: the tokenizer a
     full-model checkpoint carries is loaded once (None for LoRA adapters), and a throwaway save warms
     save_pretrained's first-call imports (~250 ms on a 2-core machine, against ~15 ms per save later)."""
-    tokenizer = None
-    if cfg["recipe"] == "causal_lm":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg["tokenizer"])
+    tokenizer = cfg["recipe"].checkpoint_tokenizer()
     with tempfile.TemporaryDirectory(prefix="raylane-warmup-") as tmp:
         save_model(model, tmp, tokenizer)
     return tokenizer
@@ -87,15 +70,7 @@ def save_model(model, directory: str, tokenizer=None) -> None:
 
 
 def load_weights(model, directory: str, cfg: dict) -> None:
-    from safetensors.torch import load_file
-
-    if cfg["recipe"] == "lora":
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(os.path.join(directory, "adapter_model.safetensors")))
-    else:
-        state = load_file(os.path.join(directory, "model.safetensors"))
-        model.load_state_dict(state, strict=False)  # tied embeddings are saved once
+    cfg["recipe"].load_weights(model, directory)
 
 
 def _write_json(uri: str, obj: dict) -> None:

@@ -65,39 +65,19 @@ def prepare(spec) -> Prepared:
     import yaml
     from transformers import AutoTokenizer
 
-    from runtime.models import resolve_model
     from runtime.specs import dump_spec
     from runtime.training.data import fingerprint, load_documents, pack, split, steps_per_epoch
+    from runtime.training.recipes import recipe_for
 
     root = spec.storage.resolved()
     cfg: dict[str, Any] = {
         "name": spec.name, "optim": spec.train.model_dump(), "run_dir": storage.join(root, "runs", spec.name),
         "spec_yaml": yaml.safe_dump(dump_spec(spec), sort_keys=False),
     }
-    base_model = None
-    if spec.kind == "FineTune":
-        base_model = resolve_model(spec.base_model, root)
-        if (__import__("pathlib").Path(base_model) / "adapter_config.json").is_file():
-            raise RaylaneError(f"base_model {spec.base_model!r} is a LoRA adapter, not a full model",
-                               hint="fine-tune from the adapter's base model (its adapter_config.json names it)")
-        tok_dir = base_model
-        cfg.update(recipe="lora", base_model=base_model, lora=spec.lora.model_dump())
-    else:
-        m = spec.model
-        tok_dir = resolve_model("tiny", root) if m.tokenizer == "tiny" else m.tokenizer
-        cfg.update(recipe="causal_lm", tokenizer=tok_dir, model_config={
-            "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
-            "num_key_value_heads": m.num_kv_heads, "intermediate_size": m.intermediate_size,
-            "vocab_size": m.vocab_size, "max_position_embeddings": m.max_position_embeddings,
-            "head_dim": m.hidden_size // m.num_heads, "tie_word_embeddings": True,
-        })
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    if spec.kind == "Training" and len(tok) > spec.model.vocab_size:
-        raise RaylaneError(f"model.vocab_size {spec.model.vocab_size} is smaller than the tokenizer's {len(tok)}",
-                           hint=f"set model.vocab_size: {len(tok)} or more")
-    if spec.kind == "Training":
-        cfg["model_config"].update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
+    recipe = recipe_for(spec, root)
+    tok = AutoTokenizer.from_pretrained(recipe.tokenizer_dir)
+    recipe.adopt(tok)
+    cfg["recipe"] = recipe
     docs = load_documents(spec.data, tok)
     train_docs, eval_docs = split(docs, spec.data.eval_fraction)
     train_blocks = pack(tok, train_docs, spec.data.max_seq_len)
@@ -111,7 +91,7 @@ def prepare(spec) -> Prepared:
             hint="add data, or lower train.batch_size / data.max_seq_len / resources.num_workers",
         )
     cfg["total_steps"] = spec.train.steps or spe * spec.train.epochs
-    return Prepared(cfg, train_blocks, eval_blocks, eval_docs, fingerprint(docs), base_model)
+    return Prepared(cfg, train_blocks, eval_blocks, eval_docs, fingerprint(docs), recipe.base_model)
 
 
 def _attempts_since(run_dir: str, t0: float) -> list[dict]:
@@ -251,8 +231,7 @@ def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult
             }
             params = {**{f"train.{k}": v for k, v in spec.train.model_dump().items()},
                       "num_workers": spec.resources.num_workers}
-            if spec.kind == "FineTune":
-                params.update({f"lora.{k}": v for k, v in spec.lora.model_dump().items()})
+            params.update(prep.cfg["recipe"].params())
             metrics = {**new_metrics, "train_loss": state["losses"][-1] if state["losses"] else None}
             existing = reg.find_source(name, model_dir)
             if existing:
