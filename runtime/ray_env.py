@@ -24,6 +24,15 @@ from urllib.parse import urlparse
 from runtime.errors import ClusterUnreachable, RaylaneError
 from runtime.vllm_env import SERVE_CLUSTER_ENV
 
+HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (``port=0`` in the runners, HAProxy's listeners)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
 # Engine bundles, Ray Data stages, the agent ingress and Ray Train workers each reserve logical
 # CPUs; with one per core a 2-core laptop cannot place an engine next to anything else.
 MIN_LOCAL_CPUS = 4
@@ -92,6 +101,11 @@ def init_ray(
         # runtime.vllm_env.SERVE_CLUSTER_ENV).
         for k, v in SERVE_CLUSTER_ENV.items():
             os.environ.setdefault(k, v)
+        # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101): a second
+        # local cluster on the machine (another `raylane run`, a test) would fail to start its
+        # HAProxy. Local clusters take free ones unless you set them.
+        for k in HAPROXY_PORT_ENV:
+            os.environ.setdefault(k, str(free_port()))
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         # A small object store by default: a laptop shares its memory with vLLM and Ray Train.
         kwargs.update(address="local", num_cpus=cpus, object_store_memory=object_store_mb * 2**20)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.serving.deploy import free_port  # noqa: F401  (re-exported for tests)
+from runtime.ray_env import HAPROXY_PORT_ENV, free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -68,6 +68,8 @@ def head_env() -> dict[str, str]:
     runs `python -m jobs...` from it, as on a real head image), no inherited RAY_ADDRESS."""
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    # Like the local clusters raylane starts: HAProxy's listeners on free ports, not 8404/9101.
+    env.update({k: env.get(k) or str(free_port()) for k in HAPROXY_PORT_ENV})
     return env
 
 

@@ -51,3 +51,17 @@ def test_cli_run_against_unreachable_cluster_exits_3(tmp_path):
 @pytest.mark.ray
 def test_local_cluster_has_enough_cpus_for_serve_llm(ray_local):
     assert ray_local.local and ray_local.num_cpus >= 4
+
+
+def test_local_cluster_gives_haproxy_free_ports(ray_local):
+    """HAProxy's stats and metrics listeners default to fixed ports, so a second local cluster on
+    the machine could not start its HAProxy; the cluster's workers see the free ones chosen here."""
+    import os
+
+    import ray
+
+    from runtime.ray_env import HAPROXY_PORT_ENV
+
+    seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in HAPROXY_PORT_ENV}).options(num_cpus=0).remote())
+    assert seen == {k: os.environ[k] for k in HAPROXY_PORT_ENV}
+    assert {int(v) for v in seen.values()}.isdisjoint({8404, 9101})

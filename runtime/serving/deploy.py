@@ -12,7 +12,6 @@ choose where the proxy listens, so the three cannot drift apart.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,14 +19,9 @@ from typing import Any
 from runtime.errors import RaylaneError
 from runtime.imports import load_callable
 from runtime.log import logger
+from runtime.ray_env import free_port  # noqa: F401  (the runners and tests import it from here)
 
 _log = logger("serve")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def deploy(config: dict[str, Any], *, host: str, port: int, timeout_s: float = 900.0) -> list[str]:
