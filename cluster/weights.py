@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.models import WEIGHTS_MARKER as MARKER
+from runtime.specs.common import pod_image
+
 VOLUME = "raylane-weights"
 
 # Where each shape names its model (dotted attribute path); shapes without one have no entry.
@@ -94,7 +96,7 @@ def wait_container(spec, plan: WeightsPlan) -> dict[str, Any]:
     marker = f"{plan.local_path}/{MARKER}"
     return {
         "name": "wait-for-weights",
-        "image": spec.kubernetes.image,
+        "image": pod_image(spec),
         "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": [
             "sh",
@@ -108,7 +110,7 @@ def wait_container(spec, plan: WeightsPlan) -> dict[str, Any]:
 def stage_container(spec, plan: WeightsPlan) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": "stage-weights",
-        "image": spec.kubernetes.image,
+        "image": pod_image(spec),
         "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": stage_command(plan, spec.storage.root),
         "volumeMounts": [{"name": VOLUME, "mountPath": plan.mount_path}],
