@@ -26,7 +26,7 @@ CRD_FILES = {
 
 
 def crd_dir() -> Path:
-    """The folder of the vendored KubeRay CRD YAMLs (package data, also in a non-editable install)."""
+    """The folder of the vendored KubeRay CRD YAMLs (package data, in every kind of install)."""
     folder = Path(__file__).resolve().parent / "kuberay_crds"
     missing = [f for f in CRD_FILES.values() if not (folder / f).is_file()]
     if missing:

@@ -53,25 +53,44 @@ def check(stack: str, pyproject: Path) -> list[str]:
             problems.append(problem)
 
     py = platform.python_version()
-    expect(py in SpecifierSet(project["requires-python"]), f"python {py}",
-           f"python {py} does not meet requires-python {project['requires-python']}")
-    pins = [("ray", project["dependencies"]), ("torch", project["dependencies"]),
-            (ENGINE[stack], project["optional-dependencies"][stack])]
+    expect(
+        py in SpecifierSet(project["requires-python"]),
+        f"python {py}",
+        f"python {py} does not meet requires-python {project['requires-python']}",
+    )
+    pins = [
+        ("ray", project["dependencies"]),
+        ("torch", project["dependencies"]),
+        (ENGINE[stack], project["optional-dependencies"][stack]),
+    ]
     for dist, reqs in pins:
         want = requirement(reqs, dist).specifier
         have = installed(dist)
-        expect(have is not None and want.contains(have, prereleases=True), f"{dist} {have} ({want})",
-               f"{dist} {have or 'missing'}: pyproject.toml wants {dist}{want}")
+        expect(
+            have is not None and want.contains(have, prereleases=True),
+            f"{dist} {have} ({want})",
+            f"{dist} {have or 'missing'}: pyproject.toml wants {dist}{want}",
+        )
     version = installed("raylane")
-    expect(version == project["version"], f"raylane {version}",
-           f"raylane {version or 'not installed'}: expected {project['version']} installed (pip install .)")
+    expect(
+        version == project["version"],
+        f"raylane {version}",
+        f"raylane {version or 'not installed'}: install {project['version']} (pip install .)",
+    )
     for package in ENTRY_PACKAGES:  # each module of the source tree, importable from the install
         for path in sorted((pyproject.parent / package).glob("[!_]*.py")):
             mod = f"{package}.{path.stem}"
-            expect(importlib.util.find_spec(mod) is not None, f"module {mod}", f"{mod} is not importable")
+            expect(
+                importlib.util.find_spec(mod) is not None,
+                f"module {mod}",
+                f"{mod} is not importable",
+            )
     plugins = {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}
-    expect(plugins.get("raylane_cpu_isa") == "runtime.vllm_env:request_amx_permission",
-           "vLLM plugin raylane_cpu_isa", "raylane's vllm.general_plugins entry point is not installed")
+    expect(
+        plugins.get("raylane_cpu_isa") == "runtime.vllm_env:request_amx_permission",
+        "vLLM plugin raylane_cpu_isa",
+        "raylane's vllm.general_plugins entry point is not installed",
+    )
     from cluster import crds
 
     try:
@@ -87,8 +106,12 @@ def check(stack: str, pyproject: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stack", choices=sorted(ENGINE), required=True, help="the image's engine stack")
-    ap.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parents[1] / "pyproject.toml")
+    ap.add_argument(
+        "--stack", choices=sorted(ENGINE), required=True, help="the image's engine stack"
+    )
+    ap.add_argument(
+        "--pyproject", type=Path, default=Path(__file__).resolve().parents[1] / "pyproject.toml"
+    )
     args = ap.parse_args(argv)
     problems = check(args.stack, args.pyproject)
     for p in problems:

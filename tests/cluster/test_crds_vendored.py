@@ -1,4 +1,4 @@
-"""The KubeRay v1.7 CRDs ship inside the package: unchanged, with their license, in every install."""
+"""The KubeRay v1.7 CRDs ship inside the package: unchanged, licensed, in every install."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ VENDORED = ROOT / "cluster" / "kuberay_crds"
 
 def test_vendored_crds_are_the_recorded_files_with_their_license():
     assert crds.crd_dir() == VENDORED
-    sums = dict(reversed(line.split()) for line in (VENDORED / "SHA256SUMS").read_text().splitlines())
+    sums = dict(
+        reversed(line.split()) for line in (VENDORED / "SHA256SUMS").read_text().splitlines()
+    )
     assert set(sums) == set(crds.CRD_FILES.values())
     for name, digest in sums.items():
         assert hashlib.sha256((VENDORED / name).read_bytes()).hexdigest() == digest, name
@@ -59,23 +61,48 @@ def test_a_non_editable_install_finds_all_four(tmp_path):
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / f, src / f)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("raylane-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for f in [*crds.CRD_FILES.values(), "LICENSE", "NOTICE", "SHA256SUMS"]:
         assert f"cluster/kuberay_crds/{f}" in names, f
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     code = (
         f"import sys; sys.path.insert(0, {str(site)!r}); from cluster import crds; "
         "print(crds.crd_dir()); print(sorted(crds.schema_for(k)['type'] for k in crds.CRD_FILES))"
     )
-    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     folder, types = r.stdout.splitlines()
-    assert Path(folder) == site / "cluster" / "kuberay_crds"  # the installed copy, not this checkout
+    assert (
+        Path(folder) == site / "cluster" / "kuberay_crds"
+    )  # the installed copy, not this checkout
     assert types == str(["object"] * 4)
 
 
@@ -83,7 +110,16 @@ def test_nothing_reads_a_folder_beside_the_project():
     pattern = re.compile(r"\.\./shared|parents?\b[^\n]*/\s*[\"']shared[\"']|work/shared")
     hits = [
         f"{p.relative_to(ROOT)}:{n}"
-        for d in ("runtime", "jobs", "serve_apps", "cluster", "raylane", "tests", "bench", "scripts")
+        for d in (
+            "runtime",
+            "jobs",
+            "serve_apps",
+            "cluster",
+            "raylane",
+            "tests",
+            "bench",
+            "scripts",
+        )
         for p in (ROOT / d).rglob("*.py")
         if p != Path(__file__)
         for n, line in enumerate(p.read_text().splitlines(), 1)
