@@ -7,13 +7,13 @@ Two checks: the manifest validates against the CRD's ``v1`` openAPIV3Schema (jso
 key raylane renders is declared by that schema -- an API server silently prunes unknown keys, so a
 misspelt field would otherwise vanish without an error.
 
-The CRDs come from ``$RAYLANE_KUBERAY_CRDS`` or ``../shared/kuberay/crds`` beside the project.
+The CRDs are KubeRay v1.7.0's, vendored unchanged as package data in ``cluster/kuberay_crds/``
+(Apache-2.0; NOTICE and LICENSE beside them), so every install checks against the same schemas.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,17 @@ CRD_FILES = {
 }
 
 
-def crd_dir() -> Path | None:
-    """Folder holding the KubeRay CRD YAMLs, or None when none is available."""
-    candidates = [os.environ.get("RAYLANE_KUBERAY_CRDS")]
-    root = Path(__file__).resolve().parents[1]
-    candidates += [str(root.parent / "shared" / "kuberay" / "crds"), str(root / "kuberay" / "crds")]
-    for c in candidates:
-        if c and all((Path(c) / f).is_file() for f in CRD_FILES.values()):
-            return Path(c)
-    return None
+def crd_dir() -> Path:
+    """The folder of the vendored KubeRay CRD YAMLs (package data, in every kind of install)."""
+    folder = Path(__file__).resolve().parent / "kuberay_crds"
+    missing = [f for f in CRD_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        # Only a broken install gets here (package data left out of a wheel or a copied tree).
+        raise FileNotFoundError(
+            f"KubeRay CRDs missing from {folder}: {', '.join(missing)}; reinstall raylane "
+            "(pip install .) so its package data cluster/kuberay_crds/ comes along"
+        )
+    return folder
 
 
 @functools.cache
@@ -42,10 +44,6 @@ def schema_for(kind: str) -> dict[str, Any]:
     import yaml
 
     folder = crd_dir()
-    if folder is None:
-        raise FileNotFoundError(
-            "KubeRay CRDs not found; set RAYLANE_KUBERAY_CRDS to the crds folder"
-        )
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~1 s per CRD instead of ~20 s
     crd = yaml.load((folder / CRD_FILES[kind]).read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]

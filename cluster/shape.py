@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.specs.common import pod_image
+
 RAY_VERSION = "2.60.0"
 GPU_RESOURCE = "nvidia.com/gpu"
 HEAD_PORTS = [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("metrics", 8080)]
@@ -93,7 +95,7 @@ def _container(
         limits[GPU_RESOURCE] = str(gpus)
     c: dict[str, Any] = {
         "name": name,
-        "image": k.image,
+        "image": pod_image(spec),
         "imagePullPolicy": k.image_pull_policy,
         "resources": {"limits": dict(limits), "requests": dict(limits)},
     }

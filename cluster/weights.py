@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.models import WEIGHTS_MARKER as MARKER
+from runtime.specs.common import pod_image
 
 VOLUME = "raylane-weights"
-
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def wait_container(spec, plan: WeightsPlan) -> dict[str, Any]:
     marker = f"{plan.local_path}/{MARKER}"
     return {
         "name": "wait-for-weights",
-        "image": spec.kubernetes.image,
+        "image": pod_image(spec),
         "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": [
             "sh",
@@ -102,7 +102,7 @@ def wait_container(spec, plan: WeightsPlan) -> dict[str, Any]:
 def stage_container(spec, plan: WeightsPlan) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": "stage-weights",
-        "image": spec.kubernetes.image,
+        "image": pod_image(spec),
         "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": stage_command(plan, spec.storage.root),
         "volumeMounts": [{"name": VOLUME, "mountPath": plan.mount_path}],

