@@ -126,6 +126,7 @@ def main() -> None:
             "tools": [{"name": "calculator", "import_path": "runtime.agents.tools:calculator",
                        "max_concurrency": 64}],
             "session_workers": 2,
+            "rate_limit": None,  # one client sends 100 sessions at once: measure the agent, not the limiter
         })
         served = start_agent(spec, port=0)
         prompt = "What is 12 * 7?"

@@ -1,20 +1,26 @@
 """The agent's HTTP ingress on Ray Serve (built by ``serve_apps/agent.py``).
 
-    POST /sessions                      {"id": optional}       -> {"id": ..., "status": ...}
-    POST /sessions/{id}/messages        {"content": ..., "stream": false}
+    POST   /sessions                    {"allow_tools": [...] optional} -> {"id": ..., "status": ...}
+    POST   /sessions/{id}/messages      {"content": ..., "stream": false}
                                         -> the reply record, or NDJSON step records then the reply
-    GET  /sessions/{id}                 -> messages, steps (one record per step), usage, errors
-    GET  /stats                         -> tool success rate, steps, budget breaches (this replica's actors)
+    GET    /sessions/{id}               -> messages, steps (one record per step), usage, errors
+    DELETE /sessions/{id}               -> {"id": ..., "deleted": true} (frees one of the key's quota)
+    GET    /stats                       -> tool success rate, steps, budget breaches (this replica's actors)
 
-Auth and rate limiting are the LLM ingress's own middleware (``runtime.serving.guard``): the same
-``RAYLANE_API_KEYS`` keys work on both. The ingress is stateless; the session's actor is found by
-session id, so any replica (or a restarted one) serves any session.
+The guard is the LLM ingress's own middleware (``runtime.serving.guard``): the same
+``RAYLANE_API_KEYS`` keys, the spec's per-key ``rate_limit``, the body-size cap, request ids and
+OpenAI-style error bodies; ``request_validator`` below adds the agent's body checks
+(``max_message_chars``). A session belongs to the key that created it (other keys get 404), its
+id is made by the server, and a key holds at most ``max_sessions_per_key`` sessions. The ingress
+is stateless; the session's actor is found by session id, so any replica (or a restarted one)
+serves any session.
 """
 
 
 import json
 import logging
 import os
+import re
 from typing import Any
 
 INGRESS_CPUS = 0.1
@@ -30,13 +36,22 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from runtime.agents.worker import SessionNotFound, SessionRouter
+    from runtime.agents.worker import (
+        SESSION_ID_RE,
+        SessionNotFound,
+        SessionQuotaExceeded,
+        SessionRouter,
+        owner_digest,
+    )
     from runtime.serving.guard import (
         ENV_KEYS,
         ENV_KEYS_FILE,
         GuardMiddleware,
         KeySource,
+        RateLimiter,
+        error_body,
         load_api_keys,
     )
 
@@ -44,10 +59,17 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
     if auth == "api-key":
         load_api_keys()  # refuse to build an open endpoint when keys are missing
 
+    rl = spec.rate_limit
+    validator = request_validator(spec.max_message_chars, [t.name for t in app_config["tools"]])
+    quota = app_config.get("max_sessions_per_key")
+
     class _Guard(GuardMiddleware):
         # Built inside the replica: keys come from the replica's environment (a mounted secret).
+        # A validator also switches on the guard's body-size cap (413).
         def __init__(self, app):
-            super().__init__(app, keys=KeySource() if auth == "api-key" else None)
+            super().__init__(app, keys=KeySource() if auth == "api-key" else None,
+                             limiter=RateLimiter(rl.requests_per_minute, rl.burst) if rl else None,
+                             validate_body=validator)
 
     env_vars = {}
     if forward_keys and auth == "api-key":
@@ -55,6 +77,29 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
 
     api = FastAPI(title=f"raylane agent {spec.name}", docs_url=None, redoc_url=None, openapi_url=None)
     api.add_middleware(_Guard)
+
+    @api.exception_handler(StarletteHTTPException)  # ours and Starlette's own 404/405
+    async def _http_error(request, exc):
+        # The same error body as the guard's own rejections.
+        kind = {404: "not_found_error", 409: "session_ended", 429: "session_quota_exceeded"}.get(
+            exc.status_code, "invalid_request_error")
+        return JSONResponse(status_code=exc.status_code, content=json.loads(error_body(
+            exc.status_code, str(exc.detail), kind, request.headers.get("x-request-id", ""))))
+
+    def _owner(request) -> str | None:
+        # The guard has already checked the key; the session belongs to its digest.
+        if auth != "api-key":
+            return None
+        return owner_digest(request.headers.get("authorization", "").partition(" ")[2].strip())
+
+    def _sid(session_id: str) -> str:
+        if not SESSION_ID_RE.fullmatch(session_id):
+            raise HTTPException(400, "session id must be 1 to 64 letters, digits, '_' or '-' "
+                                     "(use the id POST /sessions returned)")
+        return session_id
+
+    def _missing(session_id: str) -> HTTPException:
+        return HTTPException(404, f"no session {session_id!r}; create one with POST /sessions")
 
     @api.exception_handler(Exception)
     async def _unexpected(request, exc):
@@ -79,35 +124,43 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
 
         @api.post("/sessions")
         async def create(self, request: Request) -> dict:
-            body = await _json(request)
-            sid = body.get("id") if isinstance(body, dict) else None
-            if sid is not None and (not isinstance(sid, str) or not sid or len(sid) > 128):
-                raise HTTPException(400, "id must be a non-empty string of at most 128 characters")
-            return await self.router.create(sid)
+            body = await _json(request) or {}  # checked by request_validator in the guard
+            try:
+                return await self.router.create(_owner(request), body.get("allow_tools"))
+            except SessionQuotaExceeded:
+                raise HTTPException(429, f"this API key already holds {quota} sessions (max_sessions_per_key); "
+                                         "delete one with DELETE /sessions/ID, or use another key") from None
 
         @api.get("/sessions/{session_id}")
-        async def get(self, session_id: str) -> dict:
+        async def get(self, session_id: str, request: Request) -> dict:
             try:
-                return await self.router.get(session_id)
+                return await self.router.get(_sid(session_id), _owner(request))
             except SessionNotFound:
-                raise HTTPException(404, f"no session {session_id!r}; create one with POST /sessions") from None
+                raise _missing(session_id) from None
+
+        @api.delete("/sessions/{session_id}")
+        async def delete(self, session_id: str, request: Request) -> dict:
+            try:
+                return await self.router.delete(_sid(session_id), _owner(request))
+            except SessionNotFound:
+                raise _missing(session_id) from None
 
         @api.post("/sessions/{session_id}/messages")
         async def message(self, session_id: str, request: Request):
-            body = await _json(request)
-            content = body.get("content") if isinstance(body, dict) else None
-            if not isinstance(content, str) or not content.strip():
-                raise HTTPException(400, 'body must be {"content": "<text>"} with non-empty text')
+            _sid(session_id)
+            owner = _owner(request)
+            body = await _json(request)  # checked by request_validator in the guard
+            content = body["content"]
             try:
                 if body.get("stream"):
-                    session = await self.router.get(session_id)
+                    session = await self.router.get(session_id, owner)
                     if session["status"] != "active":
                         return _ended(session)
-                    return StreamingResponse(_ndjson(self.router.send_stream(session_id, content)),
+                    return StreamingResponse(_ndjson(self.router.send_stream(session_id, content, owner)),
                                              media_type="application/x-ndjson")
-                reply = await self.router.send(session_id, content)
+                reply = await self.router.send(session_id, content, owner)
             except SessionNotFound:
-                raise HTTPException(404, f"no session {session_id!r}; create one with POST /sessions") from None
+                raise _missing(session_id) from None
             if reply.get("reply") is None and reply["status"] != "active" and not reply["steps"]:
                 return _ended(reply)
             return reply
@@ -117,6 +170,55 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
             return await self.router.stats()
 
     return AgentIngress.bind(app_config)
+
+
+_SESSIONS = re.compile(r"(?:^|/)sessions/?$")
+_MESSAGES = re.compile(r"(?:^|/)sessions/[^/]*/messages/?$")
+
+
+def request_validator(max_message_chars: int, tool_names: list[str]):
+    """The guard's body check for the agent routes (it runs before the body reaches the app,
+    after auth, the rate limit and the size cap).
+
+    >>> check = request_validator(100, ["calculator"])
+    >>> check("/sessions/abc/messages", {"content": "2+2?"})
+    """
+    from runtime.serving.guard import HTTPError
+
+    def validate(path: str, body: Any) -> None:
+        if _SESSIONS.search(path):
+            body = {} if body is None else body
+            if not isinstance(body, dict):
+                raise HTTPError(400, 'body must be a JSON object, e.g. {} or {"allow_tools": ["NAME"]}')
+            if "id" in body:
+                raise HTTPError(400, 'session ids are made by the server: omit "id" and use the "id" of the reply',
+                                param="id")
+            unknown = sorted(set(body) - {"allow_tools"})
+            if unknown:
+                raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}; a new session accepts allow_tools",
+                                param=unknown[0])
+            allow = body.get("allow_tools", [])
+            if not isinstance(allow, list) or not all(isinstance(n, str) for n in allow):
+                raise HTTPError(400, "allow_tools must be a list of tool names", param="allow_tools")
+            bad = sorted(set(allow) - set(tool_names))
+            if bad:
+                raise HTTPError(400, f"allow_tools: unknown tool(s) {', '.join(bad)}; this agent's tools: "
+                                     f"{', '.join(tool_names) or 'none'}", param="allow_tools")
+        elif _MESSAGES.search(path):
+            content = body.get("content") if isinstance(body, dict) else None
+            if not isinstance(content, str) or not content.strip():
+                raise HTTPError(400, 'body must be {"content": "<text>"} with non-empty text', param="content")
+            if len(content) > max_message_chars:
+                raise HTTPError(400, f"content has {len(content)} characters, over this agent's limit of "
+                                     f"{max_message_chars} (max_message_chars)", param="content")
+            unknown = sorted(set(body) - {"content", "stream"})
+            if unknown:
+                raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}; a message accepts content and stream",
+                                param=unknown[0])
+            if not isinstance(body.get("stream", False), bool):
+                raise HTTPError(400, "stream must be true or false", param="stream")
+
+    return validate
 
 
 async def _json(request) -> Any:

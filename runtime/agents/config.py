@@ -70,6 +70,8 @@ def agent_app_config(spec, tools: list, index_uri: str | None) -> dict[str, Any]
     return {
         "app": spec.name,
         "session_workers": spec.session_workers,
+        # Quota per API key; None with auth: none, where there is no key to count by.
+        "max_sessions_per_key": spec.max_sessions_per_key if spec.auth == "api-key" else None,
         "tools": tools,
         "index": index_uri,
         "llm": llm,

@@ -8,6 +8,10 @@ Two implementations of one small Protocol: SQLite (the default, one file under t
 root) and Redis (shared by every node of a cluster). A session is one JSON document keyed by id;
 writing it whole after each step keeps resume trivial: whoever picks the session up next reads
 the last complete record, so a killed actor loses at most the step that was in flight.
+
+A session records its ``owner`` (a digest of the API key that created it, or None); ``create``
+counts the owner's sessions and inserts in one atomic step, so a per-key quota holds even when
+several session actors create at once.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ class SessionStore(Protocol):
 
     def save(self, session: dict[str, Any]) -> None: ...
 
+    def create(self, session: dict[str, Any], max_per_owner: int | None = None) -> bool:
+        """Insert a new session; False (nothing written) when its owner already holds ``max_per_owner``."""
+        ...
+
+    def delete(self, session: dict[str, Any]) -> None: ...
+
+    def count(self, owner: str | None) -> int: ...
+
     def list_ids(self) -> list[str]: ...
 
 
@@ -37,10 +49,16 @@ class SQLiteStore:
         self.path = str(Path(path).expanduser())
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._conn() as c:
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, doc TEXT NOT NULL, updated REAL NOT NULL)"
-            )
+        c = self._conn()
+        c.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, doc TEXT NOT NULL, updated REAL NOT NULL, "
+                  "owner TEXT)")
+        if "owner" not in {row[1] for row in c.execute("PRAGMA table_info(sessions)")}:
+            try:  # a store from before sessions had owners: its sessions keep owner NULL
+                c.execute("ALTER TABLE sessions ADD COLUMN owner TEXT")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):  # another actor migrated it first
+                    raise
+        c.execute("CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner)")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -62,6 +80,25 @@ class SQLiteStore:
             (session["id"], json.dumps(session), time.time()),
         )
 
+    def create(self, session: dict[str, Any], max_per_owner: int | None = None) -> bool:
+        # One statement: SQLite takes the write lock before the count, so concurrent creates
+        # by one owner cannot both pass the quota.
+        row = (session["id"], json.dumps(session), time.time(), session.get("owner"))
+        if max_per_owner is None or session.get("owner") is None:
+            cur = self._conn().execute("INSERT INTO sessions (id, doc, updated, owner) VALUES (?, ?, ?, ?)", row)
+        else:
+            cur = self._conn().execute(
+                "INSERT INTO sessions (id, doc, updated, owner) SELECT ?, ?, ?, ? "
+                "WHERE (SELECT COUNT(*) FROM sessions WHERE owner = ?) < ?",
+                (*row, session["owner"], max_per_owner))
+        return cur.rowcount == 1
+
+    def delete(self, session: dict[str, Any]) -> None:
+        self._conn().execute("DELETE FROM sessions WHERE id = ?", (session["id"],))
+
+    def count(self, owner: str | None) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM sessions WHERE owner IS ?", (owner,)).fetchone()[0]
+
     def list_ids(self) -> list[str]:
         return [r[0] for r in self._conn().execute("SELECT id FROM sessions ORDER BY updated")]
 
@@ -80,7 +117,20 @@ def _enable_wal(conn: sqlite3.Connection, attempts: int = 100) -> None:
 
 
 class RedisStore:
-    """Sessions as JSON strings under ``<prefix>:<id>`` in Redis."""
+    """Sessions as JSON strings under ``<prefix>:doc:<id>``; the index of all ids is the sorted
+    set ``<prefix>:index`` and each owner's ids are ``<prefix>:owner:<digest>``. Documents and
+    indexes live in separate namespaces, so no session id can name an index key."""
+
+    # KEYS: doc, index, owner index. ARGV: doc JSON, id, time, max sessions per owner (0: none).
+    _CREATE = """
+    if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+    local limit = tonumber(ARGV[4])
+    if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return 0 end
+    redis.call('SET', KEYS[1], ARGV[1])
+    redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+    redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+    return 1
+    """
 
     def __init__(self, url: str, prefix: str = "raylane:session"):
         import redis
@@ -95,19 +145,48 @@ class RedisStore:
                 f"cannot reach the session store at {url}: {e}",
                 hint="start redis-server (or fix sessions.url), or use sessions.backend: sqlite",
             ) from None
+        self._create = self._r.register_script(self._CREATE)
+
+    def _doc(self, session_id: str) -> str:
+        return f"{self.prefix}:doc:{session_id}"
+
+    def _index(self) -> str:
+        return f"{self.prefix}:index"
+
+    def _owned(self, owner: str | None) -> str:
+        return f"{self.prefix}:owner:{owner or '-'}"
 
     def load(self, session_id: str) -> dict[str, Any] | None:
-        doc = self._r.get(f"{self.prefix}:{session_id}")
+        doc = self._r.get(self._doc(session_id))
         return json.loads(doc) if doc else None
 
     def save(self, session: dict[str, Any]) -> None:
         pipe = self._r.pipeline()
-        pipe.set(f"{self.prefix}:{session['id']}", json.dumps(session))
-        pipe.zadd(f"{self.prefix}:ids", {session["id"]: time.time()})
+        pipe.set(self._doc(session["id"]), json.dumps(session))
+        pipe.zadd(self._index(), {session["id"]: time.time()})
         pipe.execute()
 
+    def create(self, session: dict[str, Any], max_per_owner: int | None = None) -> bool:
+        owner = session.get("owner")
+        limit = max_per_owner if (max_per_owner is not None and owner is not None) else 0
+        done = self._create(keys=[self._doc(session["id"]), self._index(), self._owned(owner)],
+                            args=[json.dumps(session), session["id"], time.time(), limit])
+        if done == -1:
+            raise RaylaneError(f"session {session['id']!r} already exists in the store")
+        return done == 1
+
+    def delete(self, session: dict[str, Any]) -> None:
+        pipe = self._r.pipeline()
+        pipe.delete(self._doc(session["id"]))
+        pipe.zrem(self._index(), session["id"])
+        pipe.zrem(self._owned(session.get("owner")), session["id"])
+        pipe.execute()
+
+    def count(self, owner: str | None) -> int:
+        return int(self._r.zcard(self._owned(owner)))
+
     def list_ids(self) -> list[str]:
-        return [i.decode() for i in self._r.zrange(f"{self.prefix}:ids", 0, -1)]
+        return [i.decode() for i in self._r.zrange(self._index(), 0, -1)]
 
 
 def default_sqlite_path(run_dir: str) -> str:

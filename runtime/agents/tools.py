@@ -29,6 +29,14 @@ _OPS = {
 }
 
 
+_MAX_BITS = 4096  # results up to ~1200 digits
+
+
+def _bits(x: float) -> int:
+    # Only ints grow without bound; a float overflows to an error or inf in fixed memory.
+    return abs(x).bit_length() if isinstance(x, int) else 0
+
+
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression (+ - * / // % ** and parentheses)."""
 
@@ -39,8 +47,10 @@ def calculator(expression: str) -> str:
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
+            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or _bits(left) * abs(right) > _MAX_BITS):
+                raise ValueError("exponent too large")  # (9**64)**64... would take the worker's memory
+            if isinstance(node.op, ast.Mult) and _bits(left) + _bits(right) > _MAX_BITS:
+                raise ValueError("result too large")
             return _OPS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](ev(node.operand))
@@ -50,7 +60,9 @@ def calculator(expression: str) -> str:
         value = ev(ast.parse(expression.strip(), mode="eval"))
     except SyntaxError as e:
         raise ValueError(f"not an arithmetic expression: {expression!r} ({e.msg})") from None
-    return str(int(value)) if float(value).is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 # A pattern keeps even a random model's expressions arithmetic (vLLM guides the string too).
@@ -77,6 +89,7 @@ class Tool:
     num_cpus: float = 0.0
     bound: dict[str, Any] = field(default_factory=dict)  # extra keywords the model never sees
     kind: str = "tool"  # "tool" or "retrieval" (names the span)
+    side_effects: bool = False  # runs only in sessions created with allow_tools naming it
 
 
 def import_function(import_path: str) -> Callable[..., Any]:
@@ -112,7 +125,8 @@ def load_tools(tool_specs: list, retrieval: Any | None = None, index_uri: str | 
         except SchemaError as e:
             raise RaylaneError(f"tools[{i}].parameters is not a valid JSON schema: {e.message}") from None
         desc = t.description or (inspect.getdoc(fn) or t.name).splitlines()[0]
-        tools.append(Tool(t.name, t.import_path, desc, params, t.timeout_s, t.retries, t.max_concurrency, t.num_cpus))
+        tools.append(Tool(t.name, t.import_path, desc, params, t.timeout_s, t.retries, t.max_concurrency, t.num_cpus,
+                          side_effects=t.side_effects))
     if retrieval is not None:
         from runtime.agents.retrieval import RETRIEVE_PARAMETERS
 

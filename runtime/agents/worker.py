@@ -1,8 +1,8 @@
 """Session actors: a pool of named async actors, each session routed to one by its id.
 
 >>> router = SessionRouter(app_config)                 # app_config = agent_app_config(spec, ...)  # doctest: +SKIP
->>> s = await router.create()                                                                 # doctest: +SKIP
->>> await router.send(s["id"], "What is 2+2?")                                                # doctest: +SKIP
+>>> s = await router.create(owner=owner_digest("key-a"))                                      # doctest: +SKIP
+>>> await router.send(s["id"], "What is 2+2?", owner_digest("key-a"))                         # doctest: +SKIP
 
 Why a pool and not one actor per session: an actor is a process, and 100 idle sessions should
 not cost 100 processes. The actors keep nothing but connections: every turn loads the session
@@ -10,14 +10,21 @@ from the store and saves it after every step, so when an actor (or the Serve rep
 created it) dies, the router recreates it under the same name and the next message continues
 the session from its last saved step. Actors are detached so a restarted Serve replica finds
 them by name; their names carry a hash of the config, so a changed spec gets fresh actors.
+
+Sessions are owned: the session actor compares the caller's ``owner`` (a digest of its API key;
+None with ``auth: none``) with the one stored at creation, and a mismatch reads as "no such
+session", so a key can neither read nor tell apart another key's sessions. Session ids are
+random (128 bits) and made here, never chosen by the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import os
+import re
 import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -26,8 +33,27 @@ from typing import Any
 NAMESPACE = "raylane-agents"
 
 
+# What a session id may look like (server-made ids are 32 hex characters).
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 class SessionNotFound(KeyError):
     pass
+
+
+class SessionQuotaExceeded(Exception):
+    pass
+
+
+def owner_digest(api_key: str | None) -> str | None:
+    """Who owns a session: the sha256 of the API key that created it (keys never reach the store)."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+
+
+def owned_by(session: dict, owner: str | None) -> bool:
+    """A session created with ``auth: none`` (owner None) is reachable only without a key, and
+    a keyed one only with its own key: switching a spec's auth never opens old sessions."""
+    return hmac.compare_digest(session.get("owner") or "", owner or "")
 
 
 def config_hash(app_config: dict) -> str:
@@ -70,10 +96,14 @@ class SessionWorkerImpl:
         await self.loop.llm.warm()
         return os.getpid()
 
-    def _load(self, session_id: str) -> dict:
+    def _owned(self, session_id: str, owner: str | None) -> dict:
         session = self.store.load(session_id)
-        if session is None:
+        if session is None or not owned_by(session, owner):
             raise SessionNotFound(session_id)
+        return session
+
+    def _load(self, session_id: str, owner: str | None) -> dict:
+        session = self._owned(session_id, owner)
         if session.get("turn_open"):
             # The last turn died with its actor; everything up to its last saved step is kept.
             session["turn_open"] = False
@@ -82,28 +112,34 @@ class SessionWorkerImpl:
             self.store.save(session)
         return session
 
-    async def create(self, session_id: str | None = None) -> dict:
+    async def create(self, session_id: str, owner: str | None = None, allowed_tools: list[str] | None = None) -> dict:
+        """A new session; raises ``SessionQuotaExceeded`` when ``owner`` already holds
+        ``max_sessions_per_key`` (never applied to owner None: ``auth: none`` has no key)."""
         from runtime.agents.loop import new_session
 
-        if session_id and self.store.load(session_id) is not None:
-            return self.summary(self.store.load(session_id))
-        session = new_session(session_id, self.config)
-        self.store.save(session)
+        session = new_session(session_id, self.config, owner, allowed_tools or ())
+        if not self.store.create(session, self.app_config.get("max_sessions_per_key")):
+            raise SessionQuotaExceeded(session_id)
         return self.summary(session)
 
-    async def get(self, session_id: str) -> dict:
-        session = self.store.load(session_id)
-        if session is None:
-            raise SessionNotFound(session_id)
+    async def get(self, session_id: str, owner: str | None = None) -> dict:
+        session = self._owned(session_id, owner)
+        session.pop("owner", None)  # the caller knows its key; the digest stays in the store
         return session
 
-    async def send(self, session_id: str, content: str) -> dict:
-        async with self._locks[session_id]:
-            return await self.loop.send(self._load(session_id), content)
+    async def delete(self, session_id: str, owner: str | None = None) -> dict:
+        async with self._locks[session_id]:  # not under a running turn, which would save it back
+            self.store.delete(self._owned(session_id, owner))
+        self._locks.pop(session_id, None)
+        return {"id": session_id, "deleted": True}
 
-    async def send_stream(self, session_id: str, content: str) -> AsyncIterator[dict]:
+    async def send(self, session_id: str, content: str, owner: str | None = None) -> dict:
         async with self._locks[session_id]:
-            async for event in self.loop.turn(self._load(session_id), content):
+            return await self.loop.send(self._load(session_id, owner), content)
+
+    async def send_stream(self, session_id: str, content: str, owner: str | None = None) -> AsyncIterator[dict]:
+        async with self._locks[session_id]:
+            async for event in self.loop.turn(self._load(session_id, owner), content):
                 yield event
 
     def stats(self) -> dict:
@@ -112,7 +148,7 @@ class SessionWorkerImpl:
     @staticmethod
     def summary(session: dict) -> dict:
         return {"id": session["id"], "status": session["status"], "end_reason": session["end_reason"],
-                "turn": session["turn"], "usage": session["usage"]}
+                "turn": session["turn"], "usage": session["usage"], "allowed_tools": session.get("allowed_tools", [])}
 
 
 class SessionRouter:
@@ -152,34 +188,37 @@ class SessionRouter:
                     raise
                 await asyncio.sleep(0.2)
 
-    async def create(self, session_id: str | None = None) -> dict:
+    async def create(self, owner: str | None = None, allowed_tools: list[str] | None = None) -> dict:
         import uuid
 
-        sid = session_id or uuid.uuid4().hex
-        return await self._call(sid, "create", sid)
+        sid = uuid.uuid4().hex  # made here: a client never picks (or guesses) an id
+        return await self._call(sid, "create", sid, owner, allowed_tools)
 
-    async def get(self, session_id: str) -> dict:
-        return await self._call(session_id, "get", session_id)
+    async def get(self, session_id: str, owner: str | None = None) -> dict:
+        return await self._call(session_id, "get", session_id, owner)
 
-    async def send(self, session_id: str, content: str) -> dict:
+    async def delete(self, session_id: str, owner: str | None = None) -> dict:
+        return await self._call(session_id, "delete", session_id, owner)
+
+    async def send(self, session_id: str, content: str, owner: str | None = None) -> dict:
         # A send is retried only when the actor was already dead before it started the turn
         # (nothing appended): Ray raises ActorDiedError before running the method then too, so
         # we check the session store to tell the cases apart instead of risking a duplicate turn.
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        before = await self._call(session_id, "get", session_id)
+        before = await self._call(session_id, "get", session_id, owner)
         try:
-            return await self.worker(session_id).send.remote(session_id, content)
+            return await self.worker(session_id).send.remote(session_id, content, owner)
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             self._handles.pop(self.index(session_id), None)
-            after = await self._call(session_id, "get", session_id)
+            after = await self._call(session_id, "get", session_id, owner)
             if after["turn"] == before["turn"]:
-                return await self.worker(session_id).send.remote(session_id, content)
+                return await self.worker(session_id).send.remote(session_id, content, owner)
             raise
 
-    async def send_stream(self, session_id: str, content: str) -> AsyncIterator[dict]:
-        await self._call(session_id, "get", session_id)  # a missing session fails before streaming
-        gen = self.worker(session_id).send_stream.options(num_returns="streaming").remote(session_id, content)
+    async def send_stream(self, session_id: str, content: str, owner: str | None = None) -> AsyncIterator[dict]:
+        await self._call(session_id, "get", session_id, owner)  # a missing session fails before streaming
+        gen = self.worker(session_id).send_stream.options(num_returns="streaming").remote(session_id, content, owner)
         async for ref in gen:
             yield await ref
 

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from runtime.imports import check_import_path
 from runtime.specs.common import SpecBase, StrictModel
+from runtime.specs.serving import RateLimitSpec
 from runtime.specs.shape import Shape
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
@@ -81,6 +82,10 @@ class ToolSpec(StrictModel):
     num_cpus: float = Field(0.0, ge=0, description="CPUs one call reserves (0: I/O-bound tools).")
     parameters: dict[str, Any] | None = Field(
         None, description="JSON schema of the arguments; default: the function's own PARAMETERS attribute."
+    )
+    side_effects: bool = Field(
+        False, description="The tool changes something outside the session (sends, writes, buys): it runs only in "
+        "sessions created with allow_tools naming it; otherwise the call is refused and the model is told.",
     )
 
     @field_validator("name")
@@ -176,6 +181,16 @@ class AgentSpec(SpecBase):
     session_workers: int = Field(2, ge=1, description="Session actors; sessions are routed to one by id.")
     auth: Literal["api-key", "none"] = Field(
         "api-key", description="api-key: require a key from RAYLANE_API_KEYS (comma-separated); none: open."
+    )
+    rate_limit: RateLimitSpec | None = Field(
+        default_factory=RateLimitSpec, description="Per-API-key request rate limit at the ingress; null disables it."
+    )
+    max_message_chars: int = Field(
+        8000, ge=1, description="Longest user message accepted (every message is replayed into each prompt)."
+    )
+    max_sessions_per_key: int | None = Field(
+        1000, ge=1, description="Sessions one API key may hold (DELETE /sessions/ID frees one); null = unlimited. "
+        "Not applied with auth: none (no key to count by).",
     )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy: `raylane run` and the "
                       "rendered Serve config / RayService.")

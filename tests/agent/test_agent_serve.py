@@ -1,6 +1,8 @@
 """End-to-end on Ray: the agent's Serve ingress and session actors against a real vLLM server
 (tiny model, guided JSON). Sessions over HTTP with auth, retrieval built by Ray Data, a tool
-timeout, the Redis store, and killing the session actor or the Serve replica mid-session."""
+timeout, the Redis store, and killing the session actor or the Serve replica mid-session. The
+hardening: sessions owned by their key, server-made ids, the per-key quota, the guard's rate
+limit and body cap, max_message_chars, and side-effecting tools behind allow_tools."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 KEY = "agent-test-key"
+KEY_B, KEY_QUOTA, KEY_RATE = "agent-key-b", "agent-key-quota", "agent-key-rate"  # own rate buckets and quotas
 CALC = {"name": "calculator", "import_path": "runtime.agents.tools:calculator"}
 SLOW = {"name": "slow_lookup", "import_path": "examples.tools:slow_lookup", "timeout_s": 1, "retries": 1}
 
@@ -33,7 +36,7 @@ def agents(vllm_url, storage_root, redis_url, ray_local):
     from runtime.agents import start_agent, stop_agent
 
     saved = {k: os.environ.get(k) for k in ("RAYLANE_API_KEYS", "RAYLANE_API_KEYS_FILE")}
-    os.environ["RAYLANE_API_KEYS"] = KEY
+    os.environ["RAYLANE_API_KEYS"] = f"{KEY},{KEY_B},{KEY_QUOTA},{KEY_RATE}"
     os.environ.pop("RAYLANE_API_KEYS_FILE", None)
     specs = {
         "main": agent_spec("main", vllm_url, storage_root, tools=[CALC]),
@@ -41,6 +44,10 @@ def agents(vllm_url, storage_root, redis_url, ray_local):
                            budgets={"max_tool_failures": 0}),
         "search": agent_spec("search", vllm_url, storage_root, retrieval={"corpus": "sample", "min_score": 0.99},
                            sessions={"backend": "redis", "url": redis_url}, llm={"max_tool_rounds": 1}),
+        # Tight limits, each test on it with its own key: <= 3 sessions and <= 10 quick requests a key.
+        "guarded": agent_spec("guarded", vllm_url, storage_root, tools=[{**CALC, "side_effects": True}],
+                              llm={"max_tool_rounds": 1}, rate_limit={"requests_per_minute": 6, "burst": 10},
+                              max_message_chars=200, max_sessions_per_key=3),
     }
     from runtime.serving.deploy import free_port
 
@@ -214,3 +221,113 @@ def test_killed_serve_replica_then_next_message_resumes(agents):
     got = client.get(f"{url}/sessions/{sid}").json()
     assert got["turn"] == 2 and len(got["steps"]) == 6
     assert [m["content"] for m in got["messages"] if m["role"] == "user"] == ["5*5?", "and 6*6?"]
+
+
+def _as(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _error(r, status: int, kind: str, words: str) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]  # the guard's OpenAI-style body, from the guard and the routes alike
+    assert err["type"] == kind and words in err["message"], err
+
+
+@pytest.mark.timeout(900)
+def test_sessions_belong_to_the_key_that_created_them(agents):
+    _, results, client = agents
+    url = results["main"].url
+    sid = new_session(client, url)
+    assert client.post(f"{url}/sessions/{sid}/messages", json={"content": "What is 2+2?"}).status_code == 200
+    b = httpx.Client(headers=_as(KEY_B), timeout=120)
+    _error(b.get(f"{url}/sessions/{sid}"), 404, "not_found_error", "no session")
+    _error(b.post(f"{url}/sessions/{sid}/messages", json={"content": "hi"}), 404, "not_found_error", "no session")
+    _error(b.post(f"{url}/sessions/{sid}/messages", json={"content": "hi", "stream": True}), 404, "not_found_error",
+           "no session")
+    _error(b.delete(f"{url}/sessions/{sid}"), 404, "not_found_error", "no session")
+    mine = client.get(f"{url}/sessions/{sid}").json()
+    assert mine["turn"] == 1 and [m["content"] for m in mine["messages"] if m["role"] == "user"] == ["What is 2+2?"]
+    assert "owner" not in mine  # the key's digest stays in the store
+    other = new_session(b, url)
+    _error(client.get(f"{url}/sessions/{other}"), 404, "not_found_error", "no session")
+    # ids: made by the server, validated on every route
+    assert len(sid) == 32 and sid != other
+    _error(client.post(f"{url}/sessions", json={"id": "alice"}), 400, "invalid_request_error", "made by the server")
+    for bad in ["bad$id", "a" * 65, "ids:x"]:
+        _error(client.get(f"{url}/sessions/{bad}"), 400, "invalid_request_error", "1 to 64 letters")
+        _error(client.post(f"{url}/sessions/{bad}/messages", json={"content": "hi"}), 400, "invalid_request_error",
+               "1 to 64 letters")
+    assert client.delete(f"{url}/sessions/{sid}").json() == {"id": sid, "deleted": True}
+    _error(client.get(f"{url}/sessions/{sid}"), 404, "not_found_error", "no session")
+    b.close()
+
+
+@pytest.mark.timeout(900)
+def test_per_key_session_quota(agents):
+    _, results, _ = agents
+    url = results["guarded"].url
+    q = httpx.Client(headers=_as(KEY_QUOTA), timeout=120)
+    ids = [new_session(q, url) for _ in range(3)]
+    _error(q.post(f"{url}/sessions"), 429, "session_quota_exceeded", "already holds 3 sessions (max_sessions_per_key)")
+    other = httpx.Client(headers=_as(KEY_B), timeout=120)
+    assert other.post(f"{url}/sessions").status_code == 200  # the quota is per key
+    assert q.delete(f"{url}/sessions/{ids[0]}").status_code == 200
+    assert q.post(f"{url}/sessions").status_code == 200  # a deleted session frees its place
+    q.close()
+    other.close()
+
+
+@pytest.mark.timeout(900)
+def test_rate_limit_per_key(agents):
+    _, results, client = agents
+    url = results["guarded"].url
+    r = httpx.Client(headers=_as(KEY_RATE), timeout=120)
+    codes = [r.get(f"{url}/sessions/nope").status_code for _ in range(14)]
+    assert codes[:8] == [404] * 8 and codes[-1] == 429, codes  # burst 10, refill 0.1/s
+    limited = r.get(f"{url}/sessions/nope")
+    _error(limited, 429, "rate_limit_error", "rate limit exceeded")
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert r.post(f"{url}/sessions").status_code == 429  # every route, creating sessions too
+    assert client.get(f"{url}/sessions/nope").status_code == 404  # another key is not limited
+    r.close()
+
+
+@pytest.mark.timeout(900)
+def test_message_length_and_body_size_caps(agents):
+    from runtime.serving.guard import MAX_BODY_BYTES
+
+    _, results, _ = agents
+    url = results["guarded"].url
+    b = httpx.Client(headers=_as(KEY_B), timeout=120)
+    sid = new_session(b, url)
+    _error(b.post(f"{url}/sessions/{sid}/messages", json={"content": "x" * 201}), 400, "invalid_request_error",
+           "201 characters, over this agent's limit of 200 (max_message_chars)")
+    big = json.dumps({"content": "x" * (MAX_BODY_BYTES + 1024)})
+    r = b.post(f"{url}/sessions/{sid}/messages", content=big, headers={"content-type": "application/json"})
+    _error(r, 413, "invalid_request_error", "request body over")
+    got = b.get(f"{url}/sessions/{sid}").json()
+    assert got["turn"] == 0 and got["messages"] == []  # neither reached the session
+    b.close()
+
+
+@pytest.mark.timeout(900)
+def test_side_effecting_tool_runs_only_where_the_session_allows_it(agents):
+    _, results, client = agents
+    url = results["guarded"].url
+    _error(client.post(f"{url}/sessions", json={"allow_tools": ["rm_rf"]}), 400, "invalid_request_error",
+           "unknown tool(s) rm_rf")
+    denied = new_session(client, url)
+    reply = client.post(f"{url}/sessions/{denied}/messages", json={"content": "What is 6 * 7?"}).json()
+    first = reply["steps"][0]
+    assert first["action"] == "refused" and first["tool"]["name"] == "calculator"
+    assert 'allow_tools": ["calculator"]' in first["error"]
+    assert reply["usage"]["tool_calls"] == 0 and [s["action"] for s in reply["steps"]] == ["refused", "answer"]
+    got = client.get(f"{url}/sessions/{denied}").json()
+    assert got["errors"]["tool_refused:calculator"] == 1
+    assert any(m["role"] == "feedback" and m["content"].startswith("Refused:") for m in got["messages"])
+    r = client.post(f"{url}/sessions", json={"allow_tools": ["calculator"]})
+    assert r.status_code == 200 and r.json()["allowed_tools"] == ["calculator"]
+    allowed = r.json()["id"]
+    reply = client.post(f"{url}/sessions/{allowed}/messages", json={"content": "What is 6 * 7?"}).json()
+    assert reply["steps"][0]["action"] == "tool" and reply["steps"][0]["tool"]["ok"] is True
+    assert reply["usage"]["tool_calls"] == 1
