@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli
+from tests.conftest import run_cli
 
 from cluster.render import render
 from runtime.errors import KubernetesError, ManifestInvalid

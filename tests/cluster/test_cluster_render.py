@@ -376,7 +376,7 @@ def test_undeclared_keys_are_caught():
 
 
 def test_cli_render_writes_yaml(tmp_path):
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     spec_file = tmp_path / "chat.yaml"
     spec_file.write_text(yaml.safe_dump(SPECS["OnlineInference"]))
