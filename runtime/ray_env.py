@@ -93,6 +93,7 @@ def init_ray(
         # RAY_SERVE_ENABLE_HA_PROXY=0 to keep Serve's Python proxy).
         for k, v in SERVE_CLUSTER_ENV.items():
             os.environ.setdefault(k, v)
+        _pick_haproxy_ports()
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         # A small object store by default: a laptop shares its memory with vLLM and Ray Train.
         kwargs.update(address="local", num_cpus=cpus, object_store_memory=object_store_mb * 2**20)
@@ -115,6 +116,23 @@ def init_ray(
             raise ClusterUnreachable(f"could not connect to Ray at {target}: {text}") from None
         raise
     return _info(local=target is None)
+
+
+# HAProxy's stats and metrics listeners default to fixed ports (8404, 9101) on 0.0.0.0: a second
+# local cluster on the machine (two `raylane run`, tests run side by side) could not start its
+# proxy. Each local cluster gets free ones, unless the user set them.
+_HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+_picked_ports: set[str] = set()
+
+
+def _pick_haproxy_ports() -> None:
+    for var in _HAPROXY_PORT_VARS:
+        if var in os.environ and var not in _picked_ports:
+            continue
+        with socket.socket() as s:
+            s.bind(("", 0))
+            os.environ[var] = str(s.getsockname()[1])
+        _picked_ports.add(var)
 
 
 def _info(local: bool) -> RayInfo:

@@ -85,7 +85,10 @@ def ray_head(temp_dir: str, num_cpus: int = 2) -> Iterator[Head]:
     for flag in flags:
         cmd += [flag, str(free_port())]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=head_env(), timeout=240, check=False)
+        # Serve's HAProxy listens on fixed stats/metrics ports by default; clusters side by side need their own.
+        env = {**head_env(), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+               "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
         yield Head(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}")
     finally:

@@ -1,5 +1,6 @@
 """Ray bootstrap: address resolution and a clear error for an unreachable cluster."""
 
+import os
 import socket
 import time
 
@@ -51,3 +52,16 @@ def test_cli_run_against_unreachable_cluster_exits_3(tmp_path):
 @pytest.mark.ray
 def test_local_cluster_has_enough_cpus_for_serve_llm(ray_local):
     assert ray_local.local and ray_local.num_cpus >= 4
+
+
+def test_local_clusters_get_their_own_haproxy_ports(monkeypatch):
+    from runtime import ray_env
+
+    monkeypatch.setattr(ray_env, "_picked_ports", set())
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the user's choice is kept
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_PORT", raising=False)
+    ray_env._pick_haproxy_ports()
+    first = os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and int(first) not in (9101, 0)
+    ray_env._pick_haproxy_ports()  # the next local cluster of this process re-picks its own
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
