@@ -24,7 +24,19 @@ from urllib.parse import urlparse
 from runtime.errors import ClusterUnreachable, RaylaneError
 from runtime.vllm_env import SERVE_CLUSTER_ENV
 
+# HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101) on 0.0.0.0: a
+# second local cluster on the machine (another `raylane run`, tests side by side) could not start
+# its HAProxy. Each local cluster gets free ones, unless the user set them.
 HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+_picked_ports: set[str] = set()
+
+
+def _pick_haproxy_ports() -> None:
+    for var in HAPROXY_PORT_ENV:
+        if var in os.environ and var not in _picked_ports:
+            continue  # the user's choice
+        os.environ[var] = str(free_port(""))  # HAProxy binds every interface
+        _picked_ports.add(var)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -101,11 +113,7 @@ def init_ray(
         # runtime.vllm_env.SERVE_CLUSTER_ENV).
         for k, v in SERVE_CLUSTER_ENV.items():
             os.environ.setdefault(k, v)
-        # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101): a second
-        # local cluster on the machine (another `raylane run`, a test) would fail to start its
-        # HAProxy. Local clusters take free ones unless you set them.
-        for k in HAPROXY_PORT_ENV:
-            os.environ.setdefault(k, str(free_port()))
+        _pick_haproxy_ports()
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         # A small object store by default: a laptop shares its memory with vLLM and Ray Train.
         kwargs.update(address="local", num_cpus=cpus, object_store_memory=object_store_mb * 2**20)

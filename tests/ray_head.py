@@ -69,7 +69,7 @@ def head_env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     # Like the local clusters raylane starts: HAProxy's listeners on free ports, not 8404/9101.
-    env.update({k: env.get(k) or str(free_port()) for k in HAPROXY_PORT_ENV})
+    env.update({k: str(free_port("")) for k in HAPROXY_PORT_ENV})
     return env
 
 

@@ -1,5 +1,6 @@
 """Ray bootstrap: address resolution and a clear error for an unreachable cluster."""
 
+import os
 import socket
 import time
 

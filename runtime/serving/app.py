@@ -221,6 +221,41 @@ class RaylaneGuard(GuardMiddleware):
                          unavailable=unavailable)
 
 
+def check_tool_parser(spec, model_source: str) -> None:
+    """``tool_calling.parser`` names a vLLM tool-call parser that fits the model's tokenizer.
+    Checked here (vLLM is imported already) because vLLM itself finds out late: an unknown name
+    fails the replica after the engine loaded, and a parser whose special tokens the tokenizer
+    lacks (``llama3_json`` needs ``<|python_tag|>``) fails every tool request with a 500."""
+    import difflib
+
+    from runtime.errors import RaylaneError
+
+    if spec.tool_calling is None:
+        return
+    from vllm.tool_parsers import ToolParserManager
+
+    name, known = spec.tool_calling.parser, sorted(ToolParserManager.list_registered())
+    if name not in known:
+        guess = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        raise RaylaneError(f"tool_calling.parser: {name!r} is not a vLLM tool-call parser"
+                           + (f"; did you mean {guess[0]!r}?" if guess else ""),
+                           hint=f"use the parser of the model's family, one of: {', '.join(known)}")
+    if not Path(model_source, "tokenizer_config.json").is_file():
+        return  # a remote model: its tokenizer is first read by the replica
+    from transformers import AutoTokenizer
+
+    try:
+        parser_cls = ToolParserManager.get_tool_parser(name)
+        tokenizer = AutoTokenizer.from_pretrained(model_source)
+    except Exception:  # an optional dependency or an unusual tokenizer: vLLM reports it itself
+        return
+    try:
+        parser_cls(tokenizer)
+    except RuntimeError as e:  # vLLM's parsers raise this for missing special tokens
+        raise RaylaneError(f"tool_calling.parser: {name!r} does not fit this model's tokenizer: {e}",
+                           hint="use the tool-call parser of the model's family (see its model card)") from None
+
+
 def build_app(spec):
     """The Serve application for ``spec`` (an ``OnlineInferenceSpec``)."""
     from runtime.models import resolve_model
@@ -231,6 +266,7 @@ def build_app(spec):
     model_source = resolve_model(spec.model, spec.storage.root)
     for name, ref in spec.adapters.items():
         _resolve_adapter(ref, spec.storage.root, name)  # fail here, not on the first request
+    check_tool_parser(spec, model_source)
     options = cfg.llm_config(spec, model_source)
     if spec.auth == "api-key":
         # Each replica reads keys from its own environment. Ray workers inherit the cluster's

@@ -69,6 +69,9 @@ def engine_kwargs(spec) -> dict[str, Any]:
         kw["enforce_eager"] = True  # no CUDA graphs on CPU
     if spec.adapters:
         kw.update(enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=spec.max_adapters_per_replica)
+    if spec.tool_calling is not None:
+        # Frontend options: ray.serve.llm routes them to vLLM's OpenAI serving layer (FrontendArgs).
+        kw.update(enable_auto_tool_choice=True, tool_call_parser=spec.tool_calling.parser)
     kw.update(spec.engine_kwargs)
     return kw
 

@@ -19,6 +19,7 @@ def request_validator(spec_dict: dict[str, Any]):
     served = {base} | {f"{base}:{a}" for a in spec_dict.get("adapters", {})}
     limit = spec_dict.get("max_tokens_limit") or spec_dict.get("max_model_len", 2048)
     max_model_len = spec_dict.get("max_model_len", 2048)
+    tools_on = bool(spec_dict.get("tool_calling"))
 
     def validate(path: str, body: Any) -> None:
         if not path.startswith("/v1/"):
@@ -39,5 +40,9 @@ def request_validator(spec_dict: dict[str, Any]):
                 what = "max_model_len" if limit == max_model_len else "max_tokens_limit"
                 raise HTTPError(400, f"{name}={value} is over this endpoint's limit of {limit} tokens ({what})",
                                 param=name)
+        if not tools_on and body.get("tools") and body.get("tool_choice", "auto") != "none":
+            # vLLM would answer with its own CLI flags (--tool-call-parser); name the spec field.
+            raise HTTPError(400, "tool calling is off on this endpoint; the spec needs tool_calling: {parser: ...} "
+                            "(send tool_choice='none' to pass tools without calls)", param="tool_choice")
 
     return validate

@@ -41,6 +41,8 @@ OWNED_ENGINE_KEYS = {
     "tensor_parallel_size": "tensor_parallel_size",
     "enable_lora": "adapters",
     "max_lora_rank": "max_lora_rank",
+    "enable_auto_tool_choice": "tool_calling",
+    "tool_call_parser": "tool_calling",
 }
 
 
@@ -91,6 +93,20 @@ class RateLimitSpec(StrictModel):
     burst: int = Field(60, ge=1, description="Requests a key may send at once before being limited.")
 
 
+class ToolCallingSpec(StrictModel):
+    """OpenAI tool calling: requests may send ``tools`` with ``tool_choice`` (``auto``,
+    ``required`` or a named function) and get ``tool_calls`` back. Turns on vLLM's auto tool
+    choice with the model family's tool-call parser (in vLLM 0.29 a named or required
+    tool_choice needs both, so there is no separate switch)."""
+
+    parser: str = Field(
+        min_length=1,
+        description="vLLM tool-call parser for the model family (vLLM's --tool-call-parser), e.g. "
+        "'llama3_json' (Llama 3.1+), 'hermes' (Qwen 2.5/3, Hermes), 'mistral', 'pythonic', 'xlam'. "
+        "Checked against vLLM's registered parsers when the app is built.",
+    )
+
+
 class OnlineInferenceSpec(SpecBase):
     """A served model (``kind: OnlineInference``): ray.serve.llm + vLLM behind raylane's ingress."""
 
@@ -124,6 +140,10 @@ class OnlineInferenceSpec(SpecBase):
     stream_batching_interval_ms: float = Field(
         20, ge=0, description="Streams to Serve deployment-handle callers only (HTTP clients get vLLM's own "
         "stream): after the first chunk, sent at once, batch chunks for this long (0 = send each chunk)."
+    )
+    tool_calling: ToolCallingSpec | None = Field(
+        None, description="Tool calling (tools + tool_choice -> tool_calls); null = off (a request with a "
+        "tool_choice other than 'none' gets 400)."
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica autoscaling policy.")
     slo: SLOSpec | None = Field(None, description="Latency targets; with one, a warm replica is kept.")

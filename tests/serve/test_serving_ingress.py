@@ -203,3 +203,31 @@ def test_engine_and_placement_from_spec():
     from ray.serve.llm import LLMConfig
 
     LLMConfig(**{k: v for k, v in cfg.items() if k != "accelerator_type"})  # Ray's own model accepts it
+
+
+def test_tool_calling_spec_reaches_vllm_frontend_options():
+    from runtime.serving.config import llm_config
+
+    base = {"kind": "OnlineInference", "name": "chat", "model": "tiny"}
+    ek = llm_config(parse_spec({**base, "tool_calling": {"parser": "hermes"}}), "/m")["engine_kwargs"]
+    assert ek["enable_auto_tool_choice"] is True and ek["tool_call_parser"] == "hermes"
+    assert "tool_call_parser" not in llm_config(parse_spec(base), "/m")["engine_kwargs"]
+    with pytest.raises(SpecError, match="tool_call_parser \\(use 'tool_calling'\\)"):
+        parse_spec({**base, "engine_kwargs": {"tool_call_parser": "hermes"}})
+    with pytest.raises(SpecError, match="did you mean 'parser'"):
+        parse_spec({**base, "tool_calling": {"parsr": "hermes"}})
+
+
+def test_tools_without_tool_calling_name_the_spec_field():
+    from runtime.serving.guard import HTTPError
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    off, on = spec_validator(), spec_validator(tool_calling={"parser": "hermes"})
+    with pytest.raises(HTTPError) as e:
+        off("/v1/chat/completions", {"model": "tiny", "tools": tools, "tool_choice": "required"})
+    assert e.value.status == 400 and "tool_calling" in e.value.message and e.value.param == "tool_choice"
+    with pytest.raises(HTTPError):
+        off("/v1/chat/completions", {"model": "tiny", "tools": tools})  # no tool_choice means "auto"
+    off("/v1/chat/completions", {"model": "tiny", "tools": tools, "tool_choice": "none"})
+    on("/v1/chat/completions", {"model": "tiny", "tools": tools, "tool_choice": {"type": "function",
+                                                                                "function": {"name": "f"}}})
