@@ -22,6 +22,7 @@ import hashlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ class BatchResult:
     tokens_per_s: float  # this run's generated tokens over its wall time, engine start-up included
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # damaged shards and bad records found and re-run
+    input_files: list[str] | None = None  # incremental input: the files this run covered (None = all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,26 +92,42 @@ class _Progress:
 
 
 def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, wait: bool = False,
-              **_options) -> BatchResult:
+              now: datetime | None = None, **_options) -> BatchResult:
     """Run (or resume) ``spec``; returns counts, the manifest URI and whether verification passed.
 
     Steps: lease (one writer per output folder; ``wait`` queues behind a running one) -> plan
     (shards, the folder's pinned plan, repair) -> run (route outliers, generate, commit each shard
-    as it completes) -> manifest -> verify.
+    as it completes) -> manifest -> verify. ``now`` (default: the current UTC time) fills in the
+    output path's placeholders; an incremental input picks its new files under a second lease,
+    on the spec's ledger, and records them there once the output verified.
     """
     t0 = time.perf_counter()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    lease = OutputLease(spec.output_path(), holder=run_id).acquire(wait=wait)
+    spec = spec.for_run(now or datetime.now(UTC))
+    leases: list[OutputLease] = []
     try:
-        plan = _plan(spec)
+        files = None
+        if spec.input.incremental:
+            # Two overlapping ticks would pick the same new files into two folders: one at a time.
+            leases.append(OutputLease(spec.ledger_path(), holder=run_id).acquire(wait=wait))
+            files = _incremental_files(spec)
+            if not files:
+                _log(f"no input files that earlier runs of {spec.name!r} did not commit; nothing to do")
+                return _nothing_to_do(spec, run_id, time.perf_counter() - t0)
+        lease = OutputLease(spec.output_path(), holder=run_id).acquire(wait=wait)
+        leases.append(lease)
+        plan = _plan(spec, files)
         run = _Run(spec, plan, run_id, lease)
         if plan.pending:
             run.generate(address)
         lease.check()
         manifest_uri = sh.write_manifest(plan.out, run.manifest())
         report = sh.verify_output(plan.out)
+        if report.ok and files is not None:
+            sh.record_ingested(spec.ledger_path(), files, plan.out, run_id)
     finally:
-        lease.release()
+        for held in reversed(leases):
+            held.release()
     seconds = time.perf_counter() - t0
     if not report.ok:
         _log("INCOMPLETE: " + "; ".join(report.problems[:5]))
@@ -119,7 +137,26 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, wait: boo
         shards_total=len(plan.ranges), shards_skipped=len(plan.committed), shards_run=len(plan.pending),
         rows_run=run.rows_run, output_tokens=run.tokens_run, seconds=round(seconds, 2),
         tokens_per_s=round(run.tokens_run / seconds, 1) if seconds else 0.0, problems=report.problems,
-        repaired=plan.repaired,
+        repaired=plan.repaired, input_files=files,
+    )
+
+
+def _incremental_files(spec: BatchInferenceSpec) -> list[str]:
+    """The files this run covers: a resumed run's own (its folder's plan lists them), else every
+    input file no earlier run committed."""
+    plan = sh.read_plan(spec.output_path())
+    if plan is not None and plan.input_files:
+        return plan.input_files  # finish what this folder started; newer files wait for the next run
+    done = sh.ingested_files(spec.ledger_path())
+    files, _ = sh.input_files(spec.input.path, spec.input.format)
+    return [f for f in files if f not in done]
+
+
+def _nothing_to_do(spec: BatchInferenceSpec, run_id: str, seconds: float) -> BatchResult:
+    return BatchResult(
+        ok=True, name=spec.name, output="", manifest="", run_id=run_id, rows_in=0, rows_out=0, rows_error=0,
+        shards_total=0, shards_skipped=0, shards_run=0, rows_run=0, output_tokens=0, seconds=round(seconds, 2),
+        tokens_per_s=0.0, input_files=[],
     )
 
 
@@ -137,14 +174,14 @@ class _BatchPlan:
     repaired: list[str] = field(default_factory=list)
 
 
-def _plan(spec: BatchInferenceSpec) -> _BatchPlan:
+def _plan(spec: BatchInferenceSpec, files: list[str] | None = None) -> _BatchPlan:
     """Read the input, cut it into deterministic shards, pin the output folder's plan (input
     and generation), and find the shards an earlier run committed intact."""
     from runtime.models import resolve_model
 
     out, fmt = spec.output_path(), spec.output.format
     text_col = spec.input.messages_column or spec.input.prompt_column or ""
-    table = sh.read_input(spec.input.path, spec.input.format)
+    table = sh.read_input(spec.input.path, spec.input.format, files=files)
     ids = sh.check_columns(table, spec.input.id_column, text_col)
     ranges = sh.shard_ranges(len(ids), spec.rows_per_shard)
     _, in_fmt = sh.input_files(spec.input.path, spec.input.format)
@@ -158,7 +195,7 @@ def _plan(spec: BatchInferenceSpec) -> _BatchPlan:
         input=spec.input.path, rows=len(ids), rows_per_shard=spec.rows_per_shard, shards=len(ranges),
         ids_sha256=sh.ids_digest(ids), output_format=fmt, id_column=spec.input.id_column, input_format=in_fmt,
         shard_ids_sha256=[d[0] for d in digests], shard_prompts_sha256=[d[1] for d in digests],
-        generation=generation, generation_sha256=sh.generation_digest(generation),
+        generation=generation, generation_sha256=sh.generation_digest(generation), input_files=files,
     ))
     repaired: list[str] = []
     committed = sh.read_commits(out, repaired, shards=len(ranges))

@@ -76,13 +76,19 @@ def input_files(path: str, fmt: str | None) -> tuple[list[str], str]:
     return files, fmt
 
 
-def read_input(path: str, fmt: str | None = None) -> pa.Table:
-    """The whole corpus as one Arrow table, rows in a fixed order."""
+def read_input(path: str, fmt: str | None = None, files: list[str] | None = None) -> pa.Table:
+    """The whole corpus (or only ``files`` of it) as one Arrow table, rows in a fixed order."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    files, fmt = input_files(path, fmt)
+    all_files, fmt = input_files(path, fmt)
+    if files is not None:
+        missing = sorted(set(files) - set(all_files))
+        if missing:
+            raise RaylaneError(f"input {path!r} no longer has {missing[0]}", hint="restore the file")
+        all_files = [f for f in all_files if f in set(files)]
+    files = all_files
     fs, _ = storage.resolve(path)
     tables = []
     for f in files:
@@ -188,6 +194,7 @@ class ShardPlan:
     generation: dict[str, Any] = field(default_factory=dict)  # model/adapter versions, sampling, limits
     generation_sha256: str = ""
     upgraded_from: int | None = None
+    input_files: list[str] | None = None  # incremental input: the files this folder covers (None = all)
 
     @classmethod
     def from_json(cls, data: bytes, uri: str = PLAN) -> ShardPlan:
@@ -423,6 +430,34 @@ def uncommit(output: str, index: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Incremental input: which files earlier runs committed
+
+
+def ingested_files(ledger: str) -> dict[str, dict[str, Any]]:
+    """Input file -> its ledger entry (size, the output folder and run that committed it)."""
+    fs, _ = storage.resolve(ledger)
+    out: dict[str, dict[str, Any]] = {}
+    for path in storage.list_files(ledger, suffix=".json"):
+        if path.rsplit("/", 1)[-1].startswith("_"):
+            continue  # the ledger's own lease
+        try:
+            with fs.open_input_stream(path) as f:
+                entry = json.loads(f.read())
+            out[entry["file"]] = entry
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # a torn entry: the file counts as new (its rows run again, into a new folder)
+    return out
+
+
+def record_ingested(ledger: str, files: list[str], output: str, run_id: str) -> None:
+    """After a run's output verified: its input files are done for later runs."""
+    for f in files:
+        key = hashlib.sha256(f.encode()).hexdigest()[:24]
+        entry = {"file": f, "output": output, "run_id": run_id, "at": time.time()}
+        storage.write_bytes_atomic(storage.join(ledger, key + ".json"), json.dumps(entry, indent=2).encode())
+
+
+# ---------------------------------------------------------------------------------------------
 # Manifest and verification
 
 
@@ -504,7 +539,7 @@ def verify_output(output: str, *, check_input: bool = True, max_problems: int = 
         # The plan's digest already ties outputs to the input as it was; re-reading it also
         # catches an input that changed since the run.
         try:
-            table = read_input(plan.input, plan.input_format)
+            table = read_input(plan.input, plan.input_format, files=plan.input_files)
         except RaylaneError:
             table = None
         if table is not None and plan.id_column in table.column_names:

@@ -391,3 +391,56 @@ def test_a_lease_whose_process_died_on_this_machine_is_taken_over_at_once(tmp_pa
     (out / LEASE).write_text(json.dumps(held))
     with pytest.raises(LeaseHeld, match="run run-a"):
         OutputLease(str(out), "run-c").acquire()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Scheduled runs that work tick after tick
+
+
+def test_two_ticks_over_a_growing_folder_each_write_their_own_verified_folder(tmp_path, tiny_model, engine):
+    from datetime import UTC, datetime
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rows = _rows(12)
+    _corpus(inp / "a.jsonl", rows[:5])
+    spec = _spec(tmp_path, tiny_model, input={"path": str(inp), "incremental": True},
+                 output={"path": str(tmp_path / "out" / "{date}"), "format": "jsonl"}, schedule="0 2 * * *")
+    day = [datetime(2026, 12, d, 2, 0, tzinfo=UTC) for d in (1, 2, 3)]
+
+    t1 = runner.run_batch(spec, now=day[0])
+    assert t1.ok and t1.output == str(tmp_path / "out" / "2026-12-01") and t1.rows_in == 5
+    _corpus(inp / "b.jsonl", rows[5:9])  # the folder grows between ticks
+    engine.seen.clear()
+    t2 = runner.run_batch(spec, now=day[1])
+    assert t2.ok and t2.output == str(tmp_path / "out" / "2026-12-02")
+    assert t2.rows_in == 4 and sorted(engine.seen) == sorted(r["id"] for r in rows[5:9])  # only the new file
+    assert [Path(f).name for f in t2.input_files] == ["b.jsonl"]
+    for out in (t1.output, t2.output):
+        v = run_cli("batch", "verify", out, "--json", timeout=120)
+        assert v.returncode == 0 and json.loads(v.stdout)["checked_against_input"], v.stdout + v.stderr
+
+    # A retry of tick 2 (same day) finishes tick 2's own files, even though c.jsonl arrived since.
+    _corpus(inp / "c.jsonl", rows[9:])
+    engine.seen.clear()
+    again = runner.run_batch(spec, now=day[1].replace(hour=5))
+    assert again.ok and again.shards_run == 0 and again.input_files == t2.input_files and engine.seen == []
+    # The next tick takes c.jsonl; the one after finds nothing new and writes no folder.
+    t3 = runner.run_batch(spec, now=day[2])
+    assert t3.ok and t3.rows_in == 3
+    empty = runner.run_batch(spec, now=datetime(2026, 12, 4, 2, 0, tzinfo=UTC))
+    assert empty.ok and empty.rows_in == 0 and not (tmp_path / "out" / "2026-12-04").exists()
+
+
+def test_output_placeholders_are_checked_and_kept_for_the_cluster():
+    from cluster.render import render_yaml
+
+    base = {"kind": "BatchInference", "name": "nightly", "model": "tiny", "schedule": "0 2 * * *",
+            "input": {"path": "s3://b/in/"}}
+    with pytest.raises(RaylaneError, match=r"output.path: unknown placeholder \{day\}"):
+        parse_spec({**base, "output": {"path": "s3://b/out/{day}"}})
+    with pytest.raises(RaylaneError, match="input.incremental: .*put \\{date\\}"):
+        parse_spec({**base, "input": {"path": "s3://b/in/", "incremental": True}, "output": {"path": "s3://b/o"}})
+    spec = parse_spec({**base, "input": {"path": "s3://b/in/", "incremental": True},
+                       "output": {"path": "s3://b/out/{date}"}})
+    assert "s3://b/out/{date}" in render_yaml(spec)  # filled in by each tick, not at render time
