@@ -227,8 +227,10 @@ def generation_config(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str
     """Everything that decides a row's output besides its prompt: what a plan pins."""
     limit, _ = prompt_limit(spec)
     return {
-        "model": {"ref": spec.model, **model_version(model_dir)},
-        "adapter": {"ref": spec.adapter, **model_version(adapter_dir)} if adapter_dir else None,
+        # What the model *is*, not what it is called: the same files under another path (a
+        # cluster's staged copy, a registry alias still on the same version) are the same model.
+        "model": model_version(model_dir),
+        "adapter": model_version(adapter_dir) if adapter_dir else None,
         "sampling": sampling_params(spec),
         "max_model_len": spec.max_model_len,
         "prompt_limit": limit,

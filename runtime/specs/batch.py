@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from datetime import datetime
@@ -157,11 +158,22 @@ class BatchInferenceSpec(SpecBase):
 
     @model_validator(mode="after")
     def _incremental_needs_a_folder_per_run(self):
-        if self.input.incremental and not self.has_placeholders():
+        if not self.input.incremental:
+            return self
+        if not self.has_placeholders():
             raise ValueError(
                 "input.incremental: each run processes other files, so each needs its own output folder; "
                 "put {date}, {time} or {datetime} in output.path (e.g. s3://bucket/out/{date})"
             )
+        path = self.output.path or ""
+        if "{datetime}" in path or ("{date}" in path and "{time}" in path):
+            return self
+        if "{date}" not in path:
+            raise ValueError("output.path: {time} alone repeats every day, so a later day's run would reuse "
+                             "a folder; use {datetime} or {date}/{time}")
+        if self.schedule and _min_gap_s(self.schedule) < 86400:
+            raise ValueError(f"output.path: schedule {self.schedule!r} fires more than once a day, so with "
+                             "{date} alone its runs would share a folder; use {datetime} or {date}/{time}")
         return self
 
     @field_validator("engine_kwargs")
@@ -171,3 +183,15 @@ class BatchInferenceSpec(SpecBase):
             if key in v:
                 raise ValueError(f"set {key!r} at the top level of the spec, not in engine_kwargs")
         return v
+
+
+def _min_gap_s(schedule: str) -> float:
+    """The shortest time between the next few firings of a cron schedule."""
+    from croniter import croniter
+
+    try:
+        it = croniter(schedule, datetime(2026, 1, 1))
+    except (ValueError, KeyError):
+        return float("inf")  # the schedule's own check reports it
+    times = [it.get_next(datetime) for _ in range(6)]
+    return min((b - a).total_seconds() for a, b in itertools.pairwise(times))

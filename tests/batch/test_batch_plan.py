@@ -444,3 +444,32 @@ def test_output_placeholders_are_checked_and_kept_for_the_cluster():
     spec = parse_spec({**base, "input": {"path": "s3://b/in/", "incremental": True},
                        "output": {"path": "s3://b/out/{date}"}})
     assert "s3://b/out/{date}" in render_yaml(spec)  # filled in by each tick, not at render time
+
+
+def test_an_incremental_schedule_needs_a_folder_per_tick():
+    base = {"kind": "BatchInference", "name": "n", "model": "tiny", "input": {"path": "in/", "incremental": True}}
+    ok = [("{date}", "0 2 * * *"), ("{datetime}", "*/10 * * * *"), ("{date}/{time}", "0 * * * *")]
+    for path, schedule in ok:
+        parse_spec({**base, "output": {"path": f"out/{path}"}, "schedule": schedule})
+    with pytest.raises(RaylaneError, match="fires more than once a day"):
+        parse_spec({**base, "output": {"path": "out/{date}"}, "schedule": "0 */6 * * *"})
+    with pytest.raises(RaylaneError, match=r"\{time\} alone repeats every day"):
+        parse_spec({**base, "output": {"path": "out/{time}"}, "schedule": "0 2 * * *"})
+
+
+def test_jobs_batch_wait_flag_queues_behind_a_held_lease(tmp_path, tiny_model, engine, monkeypatch, capsys):
+    """``python -m jobs.batch`` in-process (engine stubbed): the lease is held through OutputLease
+    directly and released after a moment; without --wait the job exits 1, with it the job finishes."""
+    from jobs.batch import main
+    from runtime.batch import lease as lease_mod
+
+    monkeypatch.setattr(lease_mod, "POLL_S", 0.1)
+    _corpus(tmp_path / "in.jsonl", _rows())
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(_spec_dict(tmp_path, tiny_model)))
+    other = OutputLease(str(tmp_path / "out"), "other-run").acquire()
+    assert main(["--spec", str(spec_file)]) == 1
+    assert "being written by another run other-run" in capsys.readouterr().err
+    threading.Timer(1.0, other.release).start()
+    assert main(["--spec", str(spec_file), "--wait"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_run"] == 3
