@@ -2,7 +2,9 @@
 
 Layout of an output folder::
 
-    OUTPUT/_plan.json                  input fingerprint + rows_per_shard (fixed for the folder)
+    OUTPUT/_plan.json                  what the folder is pinned to: per-shard id and prompt digests
+                                       (input order), rows_per_shard, the generation config
+    OUTPUT/_lease.json                 the one writer's lease while a run is on (runtime.batch.lease)
     OUTPUT/shard-00003.parquet         rows of shard 3: outputs and error rows, one per input id
     OUTPUT/_commits/shard-00003.json   commit record: row counts, id digest, file size + sha256
     OUTPUT/_manifest.json              the run's summary: every shard's status, row totals
@@ -11,7 +13,8 @@ A shard counts as done only when its commit record exists, and the record is wri
 shard file is in place (write to a temporary name, then rename). A crash between the two leaves
 an uncommitted file that the next run overwrites under the same name, so no row is ever written
 twice. Shards are slices of the input in its order (files sorted by name), so a rerun cuts the
-same shards; the plan file refuses a rerun whose input or shard size changed.
+same shards; the plan file refuses a rerun whose input (ids, their order, prompts), shard size or
+generation config changed, and a rerun re-checks every committed file against its record.
 """
 
 from __future__ import annotations
