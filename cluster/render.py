@@ -244,12 +244,23 @@ def _raycronjob(spec, run_spec, extras, labels, ns) -> dict[str, Any]:
     }
     if spec.kubernetes.time_zone:
         cron["timeZone"] = spec.kubernetes.time_zone
+    metadata = _metadata(spec, ns, labels)
+    # KubeRay's RayCronJob (v1.7) has no concurrencyPolicy: a tick starts a new RayJob even while
+    # the last one runs. Overlap is settled in the output folder instead (runtime.batch.lease).
+    metadata["annotations"] = {OVERLAP_ANNOTATION: OVERLAP_POLICY}
     return {
         "apiVersion": API_VERSION,
         "kind": "RayCronJob",
-        "metadata": _metadata(spec, ns, labels),
+        "metadata": metadata,
         "spec": cron,
     }
+
+
+OVERLAP_ANNOTATION = "raylane.dev/overlapping-ticks"
+OVERLAP_POLICY = (
+    "Forbid, enforced by the output folder's lease: KubeRay starts every tick, and a tick whose "
+    "output folder is still leased by the previous one exits with an error without touching it"
+)
 
 
 def _rayservice(spec, run_spec, extras, labels, ns, serve_config) -> dict[str, Any]:

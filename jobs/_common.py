@@ -35,10 +35,15 @@ def job_parser(spec_class: type[SpecBase], doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def job_main(argv: list[str] | None, spec_class: type[SpecBase], doc: str, *, run_name: bool = False) -> int:
+def job_main(argv: list[str] | None, spec_class: type[SpecBase], doc: str, *, run_name: bool = False,
+             wait: bool = False) -> int:
     """``python -m jobs.<slug> --spec S.yaml``: the spec's own runner (``spec.shape.runner``).
-    ``run_name`` adds ``--run-name`` (training shapes: a fresh run under another name)."""
+    ``run_name`` adds ``--run-name`` (training shapes: a fresh run under another name); ``wait``
+    adds ``--wait`` (batch: queue behind the run holding the output folder's lease)."""
     p = job_parser(spec_class, doc)
+    if wait:
+        p.add_argument("--wait", action="store_true",
+                       help="if another run is writing the output folder, wait for it instead of exiting")
     if run_name:
         p.add_argument("--run-name", default=None,
                        help="start a fresh run under this name instead of resuming the spec's (registry name unchanged)")
@@ -48,6 +53,7 @@ def job_main(argv: list[str] | None, spec_class: type[SpecBase], doc: str, *, ru
         spec = load_spec(args.spec, kind=spec_class, entrypoint=spec_class.shape.job_module)
         if getattr(args, "run_name", None):
             spec = spec.with_run_name(args.run_name)
-        return spec.shape.runner(spec, address=args.address)
+        options = {"wait": True} if getattr(args, "wait", False) else {}
+        return spec.shape.runner(spec, address=args.address, **options)
 
     return run_job(run)

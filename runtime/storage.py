@@ -63,9 +63,24 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(parent)  # the rename itself survives a power cut only once the folder is synced
         return
     with fs.open_output_stream(path) as f:  # one PUT on object stores: all or nothing
         f.write(data)
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a local folder's entries (new names, renames) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder
+    finally:
+        os.close(fd)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

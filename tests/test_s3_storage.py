@@ -133,3 +133,30 @@ def test_training_data_from_a_bucket(s3_env, ray_s3, tmp_path):
     r = run_training(parse_spec(d))
     assert r.final_step == 4 and len(r.loss_history) == 4
     assert r.dataset_fingerprint and os.path.isdir(r.checkpoint)
+
+
+@pytest.mark.timeout(300)
+def test_output_lease_in_a_bucket(s3_env, monkeypatch):
+    """The object-store lease (check-then-put, then a read-back), taken through OutputLease directly."""
+    from runtime.batch import lease as lease_mod
+    from runtime.batch.lease import LEASE, LeaseHeld, OutputLease
+
+    monkeypatch.setattr(lease_mod, "SETTLE_S", 0.2)
+    out = f"s3://{BUCKET}/leased"
+    a = OutputLease(out, "run-a", ttl_s=1.5).acquire()
+    assert f"leased/{LEASE}" in _objects("leased/")
+    with pytest.raises(LeaseHeld, match="run run-a"):
+        OutputLease(out, "run-b").acquire()
+    a._stop.set()  # a's driver dies: no more heartbeats, the lease expires
+    a._thread.join()
+    time.sleep(1.7)
+    b = OutputLease(out, "run-b").acquire()
+    assert json.loads(_get(f"leased/{LEASE}"))["holder"] == "run-b"
+    b.release()
+    assert f"leased/{LEASE}" not in _objects("leased/")
+
+
+def _get(key: str) -> bytes:
+    import boto3
+
+    return boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()

@@ -34,6 +34,6 @@ def _verify(args) -> int:
         for p in report.problems:
             print(f"  - {p}")
         if not report.ok:
-            print("  hint: rerun the same spec to finish the missing shards "
-                  "(delete a damaged shard's _commits/ record first)", file=sys.stderr)
+            print("  hint: rerun the same spec: it runs the missing shards and re-runs any whose file is "
+                  "missing, truncated or corrupt", file=sys.stderr)
     return 0 if report.ok else 1

@@ -5,8 +5,11 @@
 >>> r = run_batch(load_spec("examples/batch.yaml"))      # doctest: +SKIP
 >>> r.rows_in == r.rows_out + r.rows_error                # doctest: +SKIP
 
-1. plan: read the input, cut it into deterministic shards, check the output folder's plan, and
-   skip shards that already have a commit record;
+0. lease: take the output folder's single-writer lease (``runtime.batch.lease``), or stop;
+1. plan: read the input, cut it into deterministic shards, pin the folder to the input (per-shard
+   digests of the ids and prompts, in order) and the generation config, refusing a rerun whose
+   input or generation changed; re-check every committed shard against its record and re-run
+   any whose file is missing, truncated or corrupt; skip the rest;
 2. run: route empty and over-long prompts straight to error rows, stream the remaining rows
    through a ``ray.data.llm`` vLLM processor, and as soon as every row of a shard is back, commit
    the shard (file, then commit record);
@@ -15,9 +18,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from runtime.batch import shards as sh
@@ -30,7 +36,10 @@ from runtime.batch.engine import (
     engine_row,
     load_tokenizer,
     prepare_prompts,
+    prompt_limit,
+    sampling_params,
 )
+from runtime.batch.lease import LeaseHeld, OutputLease
 from runtime.errors import BatchEngineError
 from runtime.log import logger
 from runtime.specs.batch import BatchInferenceSpec
@@ -54,6 +63,8 @@ class BatchResult:
     seconds: float
     tokens_per_s: float  # this run's generated tokens over its wall time, engine start-up included
     problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # damaged shards and bad records found and re-run
+    input_files: list[str] | None = None  # incremental input: the files this run covered (None = all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,20 +91,43 @@ class _Progress:
             _log(f"rows {self.done}/{self.total}  {self.tokens} tokens  {rate:,.0f} tok/s (with start-up)")
 
 
-def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, **_options) -> BatchResult:
+def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, wait: bool = False,
+              now: datetime | None = None, **_options) -> BatchResult:
     """Run (or resume) ``spec``; returns counts, the manifest URI and whether verification passed.
 
-    Four steps: plan (shards and the output folder's plan) -> run (route outliers, generate,
-    commit each shard as it completes) -> manifest -> verify.
+    Steps: lease (one writer per output folder; ``wait`` queues behind a running one) -> plan
+    (shards, the folder's pinned plan, repair) -> run (route outliers, generate, commit each shard
+    as it completes) -> manifest -> verify. ``now`` (default: the current UTC time) fills in the
+    output path's placeholders; an incremental input picks its new files under a second lease,
+    on the spec's ledger, and records them there once the output verified.
     """
     t0 = time.perf_counter()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    plan = _plan(spec)
-    run = _Run(spec, plan, run_id)
-    if plan.pending:
-        run.generate(address)
-    manifest_uri = sh.write_manifest(plan.out, run.manifest())
-    report = sh.verify_output(plan.out)
+    spec = spec.for_run(now or datetime.now(UTC))
+    leases: list[OutputLease] = []
+    try:
+        files = None
+        if spec.input.incremental:
+            # Two overlapping ticks would pick the same new files into two folders: one at a time.
+            leases.append(OutputLease(spec.ledger_path(), holder=run_id).acquire(wait=wait))
+            files = _incremental_files(spec)
+            if not files:
+                _log(f"no input files that earlier runs of {spec.name!r} did not commit; nothing to do")
+                return _nothing_to_do(spec, run_id, time.perf_counter() - t0)
+        lease = OutputLease(spec.output_path(), holder=run_id).acquire(wait=wait)
+        leases.append(lease)
+        plan = _plan(spec, files)
+        run = _Run(spec, plan, run_id, lease)
+        if plan.pending:
+            run.generate(address)
+        lease.check()
+        manifest_uri = sh.write_manifest(plan.out, run.manifest())
+        report = sh.verify_output(plan.out)
+        if report.ok and files is not None:
+            sh.record_ingested(spec.ledger_path(), files, plan.out, run_id)
+    finally:
+        for held in reversed(leases):
+            held.release()
     seconds = time.perf_counter() - t0
     if not report.ok:
         _log("INCOMPLETE: " + "; ".join(report.problems[:5]))
@@ -103,6 +137,26 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, **_option
         shards_total=len(plan.ranges), shards_skipped=len(plan.committed), shards_run=len(plan.pending),
         rows_run=run.rows_run, output_tokens=run.tokens_run, seconds=round(seconds, 2),
         tokens_per_s=round(run.tokens_run / seconds, 1) if seconds else 0.0, problems=report.problems,
+        repaired=plan.repaired, input_files=files,
+    )
+
+
+def _incremental_files(spec: BatchInferenceSpec) -> list[str]:
+    """The files this run covers: a resumed run's own (its folder's plan lists them), else every
+    input file no earlier run committed."""
+    plan = sh.read_plan(spec.output_path())
+    if plan is not None and plan.input_files:
+        return plan.input_files  # finish what this folder started; newer files wait for the next run
+    done = sh.ingested_files(spec.ledger_path())
+    files, _ = sh.input_files(spec.input.path, spec.input.format)
+    return [f for f in files if f not in done]
+
+
+def _nothing_to_do(spec: BatchInferenceSpec, run_id: str, seconds: float) -> BatchResult:
+    return BatchResult(
+        ok=True, name=spec.name, output="", manifest="", run_id=run_id, rows_in=0, rows_out=0, rows_error=0,
+        shards_total=0, shards_skipped=0, shards_run=0, rows_run=0, output_tokens=0, seconds=round(seconds, 2),
+        tokens_per_s=0.0, input_files=[],
     )
 
 
@@ -115,32 +169,112 @@ class _BatchPlan:
     ranges: list[tuple[int, int]]
     committed: dict[int, sh.CommitRecord]
     pending: list[int]
+    model_dir: str = ""
+    adapter_dir: str | None = None
+    repaired: list[str] = field(default_factory=list)
 
 
-def _plan(spec: BatchInferenceSpec) -> _BatchPlan:
-    """Read the input, cut it into deterministic shards, check the output folder's shard plan,
-    and find the shards an earlier run already committed."""
+def _plan(spec: BatchInferenceSpec, files: list[str] | None = None) -> _BatchPlan:
+    """Read the input, cut it into deterministic shards, pin the output folder's plan (input
+    and generation), and find the shards an earlier run committed intact."""
+    from runtime.models import resolve_model
+
     out, fmt = spec.output_path(), spec.output.format
     text_col = spec.input.messages_column or spec.input.prompt_column or ""
-    table = sh.read_input(spec.input.path, spec.input.format)
+    table = sh.read_input(spec.input.path, spec.input.format, files=files)
     ids = sh.check_columns(table, spec.input.id_column, text_col)
     ranges = sh.shard_ranges(len(ids), spec.rows_per_shard)
     _, in_fmt = sh.input_files(spec.input.path, spec.input.format)
+    texts = table.column(text_col).to_pylist()
+    # Per shard, from the shard's rows only: a Ray Data worker holding one shard computes the same.
+    digests = [sh.shard_digests(ids[lo:hi], texts[lo:hi]) for lo, hi in ranges]
+    model_dir = resolve_model(spec.model, spec.storage.root)
+    adapter_dir = resolve_model(spec.adapter, spec.storage.root) if spec.adapter else None
+    generation = generation_config(spec, model_dir, adapter_dir)
     sh.ensure_plan(out, sh.ShardPlan(
         input=spec.input.path, rows=len(ids), rows_per_shard=spec.rows_per_shard, shards=len(ranges),
         ids_sha256=sh.ids_digest(ids), output_format=fmt, id_column=spec.input.id_column, input_format=in_fmt,
+        shard_ids_sha256=[d[0] for d in digests], shard_prompts_sha256=[d[1] for d in digests],
+        generation=generation, generation_sha256=sh.generation_digest(generation), input_files=files,
     ))
-    committed = sh.read_commits(out)
+    repaired: list[str] = []
+    committed = sh.read_commits(out, repaired, shards=len(ranges))
+    for i, rec in sorted(committed.items()):
+        # A rerun trusts no record blindly: a shard whose file is gone or changed runs again.
+        problem, _ = sh.shard_file_problem(out, rec)
+        if problem:
+            repaired.append(problem)
+            sh.uncommit(out, i)
+            del committed[i]
+    for r in repaired:
+        _log(f"repair: {r}; the shard runs again")
     pending = [i for i in range(len(ranges)) if i not in committed]
     _log(f"{len(ids)} rows in {len(ranges)} shards; {len(committed)} already committed, {len(pending)} to run")
-    return _BatchPlan(out, table, text_col, ids, ranges, committed, pending)
+    return _BatchPlan(out, table, text_col, ids, ranges, committed, pending, model_dir, adapter_dir, repaired)
+
+
+# vLLM engine arguments that change speed or memory, never the generated text: changing them
+# between a run and its resume is allowed. Every other engine_kwargs key is pinned by the plan.
+THROUGHPUT_ONLY_ENGINE_KWARGS = frozenset({
+    "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enforce_eager", "disable_log_stats",
+    "swap_space", "cpu_offload_gb", "enable_chunked_prefill", "enable_prefix_caching", "block_size",
+    "max_loras", "max_cpu_loras", "distributed_executor_backend", "max_seq_len_to_capture",
+    "disable_custom_all_reduce", "num_scheduler_steps", "max_parallel_loading_workers",
+})
+
+
+def generation_config(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str | None) -> dict[str, Any]:
+    """Everything that decides a row's output besides its prompt: what a plan pins."""
+    limit, _ = prompt_limit(spec)
+    return {
+        # What the model *is*, not what it is called: the same files under another path (a
+        # cluster's staged copy, a registry alias still on the same version) are the same model.
+        "model": model_version(model_dir),
+        "adapter": model_version(adapter_dir) if adapter_dir else None,
+        "sampling": sampling_params(spec),
+        "max_model_len": spec.max_model_len,
+        "prompt_limit": limit,
+        "prompt_source": "messages (chat template)" if spec.input.messages_column else "prompt text",
+        "engine_kwargs": {k: v for k, v in sorted(spec.engine_kwargs.items())
+                          if k not in THROUGHPUT_ONLY_ENGINE_KWARGS},
+    }
+
+
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones by size and ends
+END_BYTES = 1 << 20
+
+
+def model_version(path: str | None) -> dict[str, Any]:
+    """A content fingerprint of a resolved model or adapter folder, cheap enough for every run.
+
+    Configs, tokenizers and adapters are hashed whole; large weight files by size plus their
+    first and last MiB (a retrained model changes those bytes; a 14 GB checkpoint is not read).
+    The path itself is left out, so the same model staged elsewhere (another machine, a
+    cluster's cache) is the same version. A remote URI is taken as its own version."""
+    if path is None:
+        return {}
+    root = Path(path)
+    if "://" in path or not root.is_dir():
+        return {"uri": path}
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= WHOLE_FILE_BYTES:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(END_BYTES))
+                fh.seek(size - END_BYTES)
+                h.update(fh.read(END_BYTES))
+    return {"files_sha256": h.hexdigest()}
 
 
 class _Run:
     """One run over the pending shards: rows gather per shard; a complete shard commits at once."""
 
-    def __init__(self, spec: BatchInferenceSpec, plan: _BatchPlan, run_id: str):
-        self.spec, self.plan, self.run_id = spec, plan, run_id
+    def __init__(self, spec: BatchInferenceSpec, plan: _BatchPlan, run_id: str, lease: OutputLease | None = None):
+        self.spec, self.plan, self.run_id, self.lease = spec, plan, run_id, lease
         self.records: dict[int, sh.CommitRecord] = dict(plan.committed)
         self.buffers: dict[int, dict[str, dict]] = {i: {} for i in plan.pending}
         self.expected = {i: plan.ranges[i][1] - plan.ranges[i][0] for i in plan.pending}
@@ -149,11 +283,8 @@ class _Run:
 
     def generate(self, address: str | None) -> None:
         """Route outliers to error rows, stream the rest through the engine, commit as shards fill."""
-        from runtime.models import resolve_model
-
         spec = self.spec
-        model_dir = resolve_model(spec.model, spec.storage.root)
-        adapter_dir = resolve_model(spec.adapter, spec.storage.root) if spec.adapter else None
+        model_dir, adapter_dir = self.plan.model_dir, self.plan.adapter_dir
         engine_rows = self._route(load_tokenizer(model_dir))
         for i in list(self.plan.pending):
             self.maybe_commit(i)  # shards made only of error rows
@@ -161,6 +292,8 @@ class _Run:
             return
         try:
             _run_engine(spec, address, model_dir, adapter_dir, engine_rows, self)
+        except LeaseHeld:
+            raise  # the folder is another run's now: write nothing more, not even the manifest
         except Exception as e:
             # Committed shards stay committed; record where the run stopped, then explain.
             sh.write_manifest(self.plan.out, self.manifest())
@@ -198,6 +331,8 @@ class _Run:
     def maybe_commit(self, i: int) -> None:
         if i in self.records or len(self.buffers[i]) < self.expected[i]:
             return
+        if self.lease is not None:
+            self.lease.check()  # another run took the folder over: commit nothing more
         rec = sh.commit_shard(self.plan.out, self.spec.output.format, i, list(self.buffers.pop(i).values()),
                               self.run_id)
         self.records[i] = rec

@@ -2,7 +2,9 @@
 
 Layout of an output folder::
 
-    OUTPUT/_plan.json                  input fingerprint + rows_per_shard (fixed for the folder)
+    OUTPUT/_plan.json                  what the folder is pinned to: per-shard id and prompt digests
+                                       (input order), rows_per_shard, the generation config
+    OUTPUT/_lease.json                 the one writer's lease while a run is on (runtime.batch.lease)
     OUTPUT/shard-00003.parquet         rows of shard 3: outputs and error rows, one per input id
     OUTPUT/_commits/shard-00003.json   commit record: row counts, id digest, file size + sha256
     OUTPUT/_manifest.json              the run's summary: every shard's status, row totals
@@ -11,7 +13,8 @@ A shard counts as done only when its commit record exists, and the record is wri
 shard file is in place (write to a temporary name, then rename). A crash between the two leaves
 an uncommitted file that the next run overwrites under the same name, so no row is ever written
 twice. Shards are slices of the input in its order (files sorted by name), so a rerun cuts the
-same shards; the plan file refuses a rerun whose input or shard size changed.
+same shards; the plan file refuses a rerun whose input (ids, their order, prompts), shard size or
+generation config changed, and a rerun re-checks every committed file against its record.
 """
 
 from __future__ import annotations
@@ -76,13 +79,19 @@ def input_files(path: str, fmt: str | None) -> tuple[list[str], str]:
     return files, fmt
 
 
-def read_input(path: str, fmt: str | None = None) -> pa.Table:
-    """The whole corpus as one Arrow table, rows in a fixed order."""
+def read_input(path: str, fmt: str | None = None, files: list[str] | None = None) -> pa.Table:
+    """The whole corpus (or only ``files`` of it) as one Arrow table, rows in a fixed order."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    files, fmt = input_files(path, fmt)
+    all_files, fmt = input_files(path, fmt)
+    if files is not None:
+        missing = sorted(set(files) - set(all_files))
+        if missing:
+            raise RaylaneError(f"input {path!r} no longer has {missing[0]}", hint="restore the file")
+        all_files = [f for f in all_files if f in set(files)]
+    files = all_files
     fs, _ = storage.resolve(path)
     tables = []
     for f in files:
@@ -146,36 +155,151 @@ def shard_ranges(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_shard, rows)) for s in range(0, rows, rows_per_shard)]
 
 
+PLAN_VERSION = 2
+
+
+def shard_digests(ids: list[str], prompts: list[Any]) -> tuple[str, str]:
+    """(ids in order, prompt content in order) digests of one shard's rows.
+
+    Computed from the shard's rows alone, so whoever holds them (the driver today, a Ray Data
+    worker later) computes the same value. Prompts are hashed as canonical JSON, so chat
+    messages and plain text are both covered, and ``None`` differs from ``""``."""
+    hi, hp = hashlib.sha256(), hashlib.sha256()
+    for i, p in zip(ids, prompts, strict=True):
+        hi.update(i.encode() + b"\n")
+        hp.update(json.dumps(p, sort_keys=True, default=str, ensure_ascii=False).encode() + b"\n")
+    return hi.hexdigest(), hp.hexdigest()
+
+
+def generation_digest(generation: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(generation, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclass
 class ShardPlan:
+    """What an output folder is pinned to (``_plan.json``): the input (per-shard digests of the
+    ids and the prompts, in input order), the sharding, and the generation config.
+
+    ``version`` 1 plans (no per-shard digests, no generation) are upgraded by ``ensure_plan``
+    when their own checks pass; see there."""
+
     input: str
     rows: int
     rows_per_shard: int
     shards: int
-    ids_sha256: str
+    ids_sha256: str  # the id *set* (order-insensitive): what verify compares the outputs with
     output_format: str
     id_column: str
     input_format: str
+    version: int = PLAN_VERSION
+    shard_ids_sha256: list[str] = field(default_factory=list)  # per shard, ids in input order
+    shard_prompts_sha256: list[str] = field(default_factory=list)  # per shard, prompt content in order
+    generation: dict[str, Any] = field(default_factory=dict)  # model/adapter versions, sampling, limits
+    generation_sha256: str = ""
+    upgraded_from: int | None = None
+    input_files: list[str] | None = None  # incremental input: the files this folder covers (None = all)
 
-    def mismatch(self, other: ShardPlan) -> list[str]:
-        keys = ("rows", "rows_per_shard", "ids_sha256", "output_format")
-        return [k for k in keys if getattr(self, k) != getattr(other, k)]
-
-
-def ensure_plan(output: str, plan: ShardPlan) -> None:
-    """Write the plan on a first run; on a rerun, refuse if the input or sharding changed."""
-    uri = storage.join(output, PLAN)
-    if storage.exists(uri):
-        old = ShardPlan(**json.loads(storage.read_bytes(uri)))
-        diff = old.mismatch(plan)
-        if diff:
+    @classmethod
+    def from_json(cls, data: bytes, uri: str = PLAN) -> ShardPlan:
+        try:
+            d = json.loads(data)
+            version = int(d.get("version", 1))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise RaylaneError(f"{uri}: not a readable shard plan ({e})",
+                               hint="restore the file, or write to a new output.path") from None
+        if version > PLAN_VERSION:
             raise RaylaneError(
-                f"output {output!r} holds shards of a different run (changed: {', '.join(diff)})",
-                hint="a rerun must use the same input and rows_per_shard; to start over pick a new "
-                "output.path or delete the folder",
+                f"{uri}: plan version {version} was written by a newer raylane (this one reads up to {PLAN_VERSION})",
+                hint="upgrade raylane, or write to a new output.path",
             )
-        return
-    storage.write_bytes_atomic(uri, json.dumps(asdict(plan), indent=2).encode())
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{**{k: v for k, v in d.items() if k in known}, "version": version})
+        except TypeError as e:
+            raise RaylaneError(f"{uri}: not a readable shard plan ({e})",
+                               hint="restore the file, or write to a new output.path") from None
+
+    def changes(self, new: ShardPlan) -> list[str]:
+        """What differs between this (the folder's) plan and ``new`` (this run's), readably."""
+        out = []
+        for k in ("rows", "rows_per_shard", "output_format", "id_column"):
+            if getattr(self, k) != getattr(new, k):
+                out.append(f"{k} ({getattr(self, k)!r} -> {getattr(new, k)!r})")
+        if out:
+            return out  # other shards: per-shard comparisons would be noise
+        if self.ids_sha256 != new.ids_sha256:
+            out.append("input ids (other ids than the first run's)")
+        elif self.shard_ids_sha256 != new.shard_ids_sha256:
+            moved = _differing(self.shard_ids_sha256, new.shard_ids_sha256)
+            out.append(f"input order (the same ids, in another order: shards {moved})")
+        # Edited prompts: shards whose ids are the same, in the same order, but whose text is not.
+        edited = [i for i, (a, b) in enumerate(zip(self.shard_ids_sha256, new.shard_ids_sha256))
+                  if a == b and self.shard_prompts_sha256[i:i + 1] != new.shard_prompts_sha256[i:i + 1]]
+        if edited:
+            more = f" and {len(edited) - 5} more" if len(edited) > 5 else ""
+            out.append(f"prompt content (shards {', '.join(map(str, edited[:5]))}{more})")
+        if self.generation_sha256 != new.generation_sha256:
+            keys = sorted(set(_flat(self.generation)) | set(_flat(new.generation)))
+            old, cur = _flat(self.generation), _flat(new.generation)
+            diff = [f"{k} ({old.get(k)!r} -> {cur.get(k)!r})" for k in keys if old.get(k) != cur.get(k)]
+            out.append("generation config: " + (", ".join(diff) or "changed"))
+        return out
+
+
+def _differing(a: list[str], b: list[str], show: int = 5) -> str:
+    idx = [i for i in range(max(len(a), len(b))) if (a[i:i + 1] or [None]) != (b[i:i + 1] or [None])]
+    return ", ".join(map(str, idx[:show])) + (f" and {len(idx) - show} more" if len(idx) > show else "")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_plan(output: str) -> ShardPlan | None:
+    uri = storage.join(output, PLAN)
+    if not storage.exists(uri):
+        return None
+    return ShardPlan.from_json(storage.read_bytes(uri), uri)
+
+
+def ensure_plan(output: str, plan: ShardPlan) -> ShardPlan:
+    """Write the plan on a first run; on a rerun, refuse before any work if the input (ids, their
+    order, the prompts), the sharding or the generation config changed.
+
+    A version-1 plan (before per-shard digests) is accepted and upgraded when its own checks
+    (row count, shard size, id set, format) pass: the folder keeps the guarantee it had, and
+    from then on it is pinned to this run's order, prompts and generation config."""
+    old = read_plan(output)
+    uri = storage.join(output, PLAN)
+    if old is not None and old.version < PLAN_VERSION:
+        v1 = ("rows", "rows_per_shard", "ids_sha256", "output_format")
+        diff = [k for k in v1 if getattr(old, k) != getattr(plan, k)]
+        if not diff:
+            from dataclasses import replace
+
+            plan = replace(plan, upgraded_from=old.version)
+            storage.write_bytes_atomic(uri, json.dumps(asdict(plan), indent=2).encode())
+            return plan
+        changed = [f"{k} ({getattr(old, k)!r} -> {getattr(plan, k)!r})" for k in diff]
+    elif old is not None:
+        changed = old.changes(plan)
+        if not changed:
+            return old
+    else:
+        storage.write_bytes_atomic(uri, json.dumps(asdict(plan), indent=2).encode())
+        return plan
+    raise RaylaneError(
+        f"output {output!r} holds shards of a different run; changed since its first run: {'; '.join(changed)}",
+        hint="write to a new output.path (or delete this folder to start over): a rerun into a folder "
+        "must use the same input, in the same order, the same rows_per_shard and the same generation "
+        "settings, or old and new shards would mix",
+    )
 
 
 @dataclass
@@ -259,14 +383,81 @@ def commit_uri(output: str, index: int) -> str:
     return storage.join(output, COMMITS, shard_name(index) + ".json")
 
 
-def read_commits(output: str) -> dict[int, CommitRecord]:
+def read_commits(output: str, problems: list[str] | None = None,
+                 shards: int | None = None) -> dict[int, CommitRecord]:
+    """Commit records by shard. An unreadable record, or a stray one (its shard outside the plan's
+    ``shards``, or its name not its shard), is left out and described in ``problems``: the
+    shard then counts as not committed, so a rerun runs it again."""
     fs, _ = storage.resolve(output)
-    records = {}
+    records: dict[int, CommitRecord] = {}
+    problems = problems if problems is not None else []
     for path in storage.list_files(storage.join(output, COMMITS), suffix=".json"):
-        with fs.open_input_stream(path) as f:
-            rec = CommitRecord(**json.loads(f.read()))
+        name = path.rsplit("/", 1)[-1]
+        try:
+            with fs.open_input_stream(path) as f:
+                rec = CommitRecord(**json.loads(f.read()))
+            if not isinstance(rec.shard, int) or not isinstance(rec.file, str):
+                raise TypeError("shard or file has the wrong type")
+        except (ValueError, TypeError, OSError) as e:
+            problems.append(f"{COMMITS}/{name}: unreadable commit record ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        if name != shard_name(rec.shard) + ".json":
+            problems.append(f"{COMMITS}/{name}: stray commit record (it names shard {rec.shard})")
+            continue
+        if shards is not None and not 0 <= rec.shard < shards:
+            problems.append(f"{COMMITS}/{name}: stray commit record, outside the plan's {shards} shards")
+            continue
         records[rec.shard] = rec
     return records
+
+
+def shard_file_problem(output: str, rec: CommitRecord) -> tuple[str | None, bytes | None]:
+    """(why the committed file is not the one committed, or None; its bytes when present)."""
+    uri = storage.join(output, rec.file)
+    if not storage.exists(uri):
+        return f"{rec.file}: committed but the file is missing", None
+    data = storage.read_bytes(uri)
+    if len(data) != rec.file_bytes or hashlib.sha256(data).hexdigest() != rec.file_sha256:
+        return (f"{rec.file}: {len(data)} bytes, committed {rec.file_bytes} "
+                "(truncated or modified after commit)"), data
+    return None, data
+
+
+def uncommit(output: str, index: int) -> None:
+    """Drop a shard's commit record, so the shard counts as pending (a damaged shard, re-run)."""
+    fs, path = storage.resolve(commit_uri(output, index))
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental input: which files earlier runs committed
+
+
+def ingested_files(ledger: str) -> dict[str, dict[str, Any]]:
+    """Input file -> its ledger entry (size, the output folder and run that committed it)."""
+    fs, _ = storage.resolve(ledger)
+    out: dict[str, dict[str, Any]] = {}
+    for path in storage.list_files(ledger, suffix=".json"):
+        if path.rsplit("/", 1)[-1].startswith("_"):
+            continue  # the ledger's own lease
+        try:
+            with fs.open_input_stream(path) as f:
+                entry = json.loads(f.read())
+            out[entry["file"]] = entry
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # a torn entry: the file counts as new (its rows run again, into a new folder)
+    return out
+
+
+def record_ingested(ledger: str, files: list[str], output: str, run_id: str) -> None:
+    """After a run's output verified: its input files are done for later runs."""
+    for f in files:
+        key = hashlib.sha256(f.encode()).hexdigest()[:24]
+        entry = {"file": f, "output": output, "run_id": run_id, "at": time.time()}
+        storage.write_bytes_atomic(storage.join(ledger, key + ".json"), json.dumps(entry, indent=2).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,15 +497,14 @@ def verify_output(output: str, *, check_input: bool = True, max_problems: int = 
     the one committed (size and sha256) and decodes; its ids match the record's digest; no id
     appears twice across shards; and (when the input is readable) the ids are exactly the input's.
     """
-    plan_uri = storage.join(output, PLAN)
-    if not storage.exists(plan_uri):
+    plan = read_plan(output)
+    if plan is None:
         raise RaylaneError(
             f"{output!r} is not a batch output folder (no {PLAN})",
             hint="give the output.path of a BatchInference spec that has run",
         )
-    plan = ShardPlan(**json.loads(storage.read_bytes(plan_uri)))
-    commits = read_commits(output)
     problems: list[str] = []
+    commits = read_commits(output, problems, shards=plan.shards)
     seen: dict[str, int] = {}
     rows_out = rows_error = 0
     fmt = plan.output_format
@@ -323,15 +513,11 @@ def verify_output(output: str, *, check_input: bool = True, max_problems: int = 
         if rec is None:
             problems.append(f"{shard_name(index)}: not committed (missing shard)")
             continue
-        uri = storage.join(output, rec.file)
-        if not storage.exists(uri):
-            problems.append(f"{rec.file}: committed but the file is missing")
+        problem, data = shard_file_problem(output, rec)
+        if problem:
+            problems.append(problem)
+        if data is None:
             continue
-        data = storage.read_bytes(uri)
-        if len(data) != rec.file_bytes or hashlib.sha256(data).hexdigest() != rec.file_sha256:
-            problems.append(
-                f"{rec.file}: {len(data)} bytes, committed {rec.file_bytes} (truncated or modified after commit)"
-            )
         try:
             rows = decode_rows(data, fmt)
         except ValueError as e:
@@ -347,8 +533,6 @@ def verify_output(output: str, *, check_input: bool = True, max_problems: int = 
         errs = sum(1 for r in rows if r.get("error"))
         rows_error += errs
         rows_out += len(rows) - errs
-    extra = sorted(set(commits) - set(range(plan.shards)))
-    problems += [f"{shard_name(i)}: commit record outside the plan's {plan.shards} shards" for i in extra]
     if len(seen) != plan.rows:
         problems.append(f"{len(seen)} distinct ids in the outputs, the input has {plan.rows}")
     if ids_digest(seen) != plan.ids_sha256 and len(seen) == plan.rows:
@@ -358,7 +542,7 @@ def verify_output(output: str, *, check_input: bool = True, max_problems: int = 
         # The plan's digest already ties outputs to the input as it was; re-reading it also
         # catches an input that changed since the run.
         try:
-            table = read_input(plan.input, plan.input_format)
+            table = read_input(plan.input, plan.input_format, files=plan.input_files)
         except RaylaneError:
             table = None
         if table is not None and plan.id_column in table.column_names:
@@ -379,7 +563,7 @@ def verify_output(output: str, *, check_input: bool = True, max_problems: int = 
         rows_out=rows_out,
         rows_error=rows_error,
         shards_total=plan.shards,
-        shards_committed=sum(1 for i in commits if i < plan.shards),
+        shards_committed=len(commits),
         problems=problems,
         checked_against_input=checked,
     )

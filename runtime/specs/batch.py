@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+import string
+from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -34,6 +38,12 @@ class BatchInput(StrictModel):
         None,
         description="Column with chat messages ([{role, content}, ...]) instead of a prompt; the model's "
         "chat template turns them into the prompt.",
+    )
+    incremental: bool = Field(
+        False,
+        description="Folder input on a schedule: each run processes only the files no earlier run of this "
+        "spec committed (a ledger under <storage.root>/runs/<name>/ingested); output.path needs a {date}, "
+        "{time} or {datetime} placeholder so each run writes its own folder.",
     )
 
     @model_validator(mode="before")
@@ -66,9 +76,30 @@ class BatchOutput(StrictModel):
     """Where the shard files, commit records and manifest go."""
 
     path: str | None = Field(
-        None, description="Output folder: local path or s3:// URI; None = <storage.root>/runs/<name>/output."
+        None,
+        description="Output folder: local path or s3:// URI; None = <storage.root>/runs/<name>/output. "
+        "May hold {date} (2026-12-01), {time} (0200, HHMM) or {datetime} (20261201T0200), filled in "
+        "(UTC) when a run starts, so each scheduled run writes its own folder.",
     )
     format: Literal["jsonl", "parquet"] = Field("parquet", description="Format of each shard file.")
+
+    @field_validator("path")
+    @classmethod
+    def _placeholders(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"bad placeholder ({e}); use {{date}}, {{time}} or {{datetime}}") from None
+        unknown = sorted(names - set(PLACEHOLDERS))
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; use {{date}}, {{time}} or {{datetime}}")
+        return v
+
+
+# What an output path's placeholders become at the start of a run (UTC).
+PLACEHOLDERS = {"date": "%Y-%m-%d", "time": "%H%M", "datetime": "%Y%m%dT%H%M"}
 
 
 class BatchInferenceSpec(SpecBase):
@@ -106,8 +137,44 @@ class BatchInferenceSpec(SpecBase):
         return v
 
     def output_path(self) -> str:
-        """Where shard files, commit records and the manifest go."""
+        """Where shard files, commit records and the manifest go (placeholders not yet filled in:
+        see ``for_run``)."""
         return self.output.path or f"{self.run_dir()}/output"
+
+    def has_placeholders(self) -> bool:
+        return bool(self.output.path and re.search(r"\{(date|time|datetime)\}", self.output.path))
+
+    def for_run(self, now: datetime) -> BatchInferenceSpec:
+        """This spec with the output path's placeholders filled in for a run starting at ``now``
+        (done once per run, so a run that crosses midnight keeps one folder)."""
+        if not self.has_placeholders():
+            return self
+        path = self.output.path.format(**{k: now.strftime(f) for k, f in PLACEHOLDERS.items()})
+        return self.model_copy(update={"output": self.output.model_copy(update={"path": path})})
+
+    def ledger_path(self) -> str:
+        """Incremental input: which input files earlier runs of this spec committed."""
+        return f"{self.run_dir()}/ingested"
+
+    @model_validator(mode="after")
+    def _incremental_needs_a_folder_per_run(self):
+        if not self.input.incremental:
+            return self
+        if not self.has_placeholders():
+            raise ValueError(
+                "input.incremental: each run processes other files, so each needs its own output folder; "
+                "put {date}, {time} or {datetime} in output.path (e.g. s3://bucket/out/{date})"
+            )
+        path = self.output.path or ""
+        if "{datetime}" in path or ("{date}" in path and "{time}" in path):
+            return self
+        if "{date}" not in path:
+            raise ValueError("output.path: {time} alone repeats every day, so a later day's run would reuse "
+                             "a folder; use {datetime} or {date}/{time}")
+        if self.schedule and _min_gap_s(self.schedule) < 86400:
+            raise ValueError(f"output.path: schedule {self.schedule!r} fires more than once a day, so with "
+                             "{date} alone its runs would share a folder; use {datetime} or {date}/{time}")
+        return self
 
     @field_validator("engine_kwargs")
     @classmethod
@@ -116,3 +183,15 @@ class BatchInferenceSpec(SpecBase):
             if key in v:
                 raise ValueError(f"set {key!r} at the top level of the spec, not in engine_kwargs")
         return v
+
+
+def _min_gap_s(schedule: str) -> float:
+    """The shortest time between the next few firings of a cron schedule."""
+    from croniter import croniter
+
+    try:
+        it = croniter(schedule, datetime(2026, 1, 1))
+    except (ValueError, KeyError):
+        return float("inf")  # the schedule's own check reports it
+    times = [it.get_next(datetime) for _ in range(6)]
+    return min((b - a).total_seconds() for a, b in itertools.pairwise(times))

@@ -241,12 +241,17 @@ def test_killed_driver_rerun_runs_only_missing_shards(tiny_model, tmp_path):
     first = sh.read_commits(str(out))
     assert 3 <= len(first) < 20, f"{len(first)} shards committed before the kill"
     assert verify_output(str(out)).ok is False  # a partial output never passes
+    # The killed driver never released its lease; still unexpired, but its process is gone, so
+    # the rerun on this machine takes it over at once instead of waiting out the expiry.
+    lease = json.loads((out / "_lease.json").read_text())
+    assert lease["pid"] == proc.pid and lease["expires_at"] > time.time()
 
     rerun = run_cli("run", str(spec_file), "--json", timeout=800, env={"RAYLANE_STORAGE_ROOT": str(tmp_path)})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     result = json.loads(rerun.stdout)
     assert result["ok"] and result["shards_skipped"] == len(first) and result["shards_run"] == 20 - len(first)
     assert result["rows_in"] == result["rows_out"] + result["rows_error"] == 2000
+    assert not (out / "_lease.json").exists()  # released by the rerun
     after = sh.read_commits(str(out))
     # Committed shards were not touched; every other shard was run once, by the rerun.
     assert {i: after[i] for i in first} == first
