@@ -164,6 +164,8 @@ def ray_cluster_spec(spec, extras: PodExtras, labels: dict[str, str]) -> dict[st
             "idleTimeoutSeconds": k.idle_timeout_seconds,
             "upscalingMode": "Default",
         }
+        if k.container_security_context:  # the autoscaler sidecar KubeRay adds to the head pod
+            cluster["autoscalerOptions"]["securityContext"] = dict(k.container_security_context)
     r = replicas_for(spec)
     groups = []
     if res.uses_gpu:

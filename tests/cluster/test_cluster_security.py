@@ -122,6 +122,8 @@ def test_every_pod_and_container_is_restricted(case):
                 "allowPrivilegeEscalation": False,
                 "capabilities": {"drop": ["ALL"]},
             }, (where, c["name"])
+    # the autoscaler sidecar KubeRay injects into the head pod
+    assert cluster_of(docs[-1])["autoscalerOptions"]["securityContext"] == DEFAULT_CONTAINER_SECURITY_CONTEXT
     if crds.crd_dir():
         assert crds.check_manifest(docs[-1]) == []
 
@@ -160,6 +162,7 @@ def test_security_contexts_are_overridable():
             {**SERVE, "kubernetes": {"pod_security_context": {}, "container_security_context": {}}}
         )
     )
+    assert "securityContext" not in cluster_of(docs[-1])["autoscalerOptions"]
     for _, pod in pod_specs(docs):
         assert "securityContext" not in pod
         assert all("securityContext" not in c for c in pod["containers"] + pod.get("initContainers", []))
