@@ -233,6 +233,7 @@ def test_submit_to_a_kuberay_cluster_sends_the_token_from_its_secret(ray_head, t
     import base64
 
     from conftest import FakeKube
+
     from runtime.submit import auth_headers
 
     # The head's token, as Ray resolved it when the head started (env, else the token file).

@@ -82,7 +82,7 @@ def test_wait_message_names_the_alias_and_the_version(registry, tmp_path):
 def test_unresolvable_alias_keeps_the_ref_and_says_so(registry, tmp_path, capsys):
     # the registry exists but has no such model: render still works, with a warning
     registry.register("other", str(tmp_path / "model-v1"), params={}, metrics={}, tags={})
-    job, model, _ = _staged(render(_spec(tmp_path)))
+    _, model, _ = _staged(render(_spec(tmp_path)))
     assert model == "models:/support-bot@champion"
     err = capsys.readouterr().err
     assert "warning: models:/support-bot@champion not resolved at render time" in err
@@ -98,8 +98,8 @@ def test_no_registry_here_creates_none(tmp_path, monkeypatch, capsys):
 
 
 def test_registry_cache_of_a_remote_root_stays_out_of_the_working_dir(tmp_path, monkeypatch):
-    from runtime.registry import local_registry_dir, parse_ref
     from runtime.errors import RaylaneError
+    from runtime.registry import local_registry_dir, parse_ref
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAYLANE_REGISTRY_ROOT", str(tmp_path / "reg-root"))
