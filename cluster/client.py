@@ -14,6 +14,7 @@ ended. API-server errors are shown as the server worded them.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +31,35 @@ PLURALS = {
     "RayCluster": "rayclusters",
 }
 JOB_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+JOB_RECREATE_ATTEMPTS = 10
+DASHBOARD_PORT = 8265
+TOKEN_KEY = "auth_token"  # the data key of KubeRay's token Secret (RAY_AUTH_TOKEN_SECRET_KEY)
+
+
+@dataclass
+class DashboardAuth:
+    cluster: str  # the RayCluster's name
+    address: str  # its Jobs API inside the cluster network
+    token: str | None  # None: the cluster has token auth off
+    secret: str | None = None  # where the token came from
+
+    def __repr__(self) -> str:  # never print the token
+        return f"DashboardAuth(cluster={self.cluster!r}, address={self.address!r}, secret={self.secret!r})"
+
+
+def kuberay_check_name(name: str) -> str:
+    """KubeRay's ``utils.CheckName``: the name it gives a RayCluster's token Secret."""
+    if len(name) > 50:
+        name = name[len(name) - 50 :]
+    if name[0].isdigit() or not name[0].isalnum():
+        name = "r" + name[1:]
+    return name
+
+
+def job_failed(job: dict[str, Any]) -> bool:
+    """Whether a batch/v1 Job has given up (its Failed condition is True)."""
+    conds = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Failed" and c.get("status") == "True" for c in conds)
 
 
 @dataclass
@@ -55,6 +85,7 @@ class ApplyResult:
     patched: list[str]
     unchanged: list[str]
     status: ObjectStatus | None = None
+    recreated: list[str] = field(default_factory=list)  # failed staging Jobs deleted and created again
 
     @property
     def ok(self) -> bool:
@@ -200,18 +231,25 @@ class KubeRay:
 
         docs = render(spec)  # raises ManifestInvalid before anything is sent
         ns = spec.kubernetes.namespace or self.namespace
-        created, patched, unchanged = [], [], []
+        created, patched, unchanged, recreated = [], [], [], []
         for doc in docs:
             doc["metadata"]["namespace"] = ns
             outcome = self._create_or_patch(doc, ns)
             label = f"{doc['kind']}/{doc['metadata']['name']}"
-            {"created": created, "patched": patched, "unchanged": unchanged}[outcome].append(label)
+            buckets = {
+                "created": created,
+                "patched": patched,
+                "unchanged": unchanged,
+                "recreated": recreated,
+            }
+            buckets[outcome].append(label)
             if progress:
                 progress(f"{label} {outcome}")
         main = docs[-1]
         result = ApplyResult(
             main["kind"], main["metadata"]["name"], ns, created, patched, unchanged
         )
+        result.recreated = recreated
         if wait and main["kind"] in ("RayJob", "RayService"):
             result.status = self.wait(
                 main["metadata"]["name"],
@@ -242,8 +280,11 @@ class KubeRay:
         except ApiException as e:
             if e.status != 409:
                 raise _api_error(e, f"create {kind}/{name}") from None
-        # It exists. The PVC (immutable size/modes) and the staging Job (immutable template) stay.
-        if kind in ("PersistentVolumeClaim", "Job"):
+        # It exists. The PVC (immutable size/modes) and the staging Job (immutable template) stay,
+        # except a staging Job that failed: pods would wait for its weights forever.
+        if kind == "Job":
+            return self._recreate_failed_job(doc, ns)
+        if kind == "PersistentVolumeClaim":
             return "unchanged"
         try:
             if kind in PLURALS:
@@ -257,6 +298,96 @@ class KubeRay:
         except ApiException as e:
             raise _api_error(e, f"patch {kind}/{name}") from None
         return "patched"
+
+    def _recreate_failed_job(self, doc: dict[str, Any], ns: str) -> str:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        name = doc["metadata"]["name"]
+        try:
+            job = self.api_client.sanitize_for_serialization(
+                self.batch.read_namespaced_job(name, ns)
+            )
+        except ApiException as e:
+            raise _api_error(e, f"get Job/{name}") from None
+        if not job_failed(job):
+            return "unchanged"  # done or still copying: the weights are (or will be) there
+        try:
+            self.batch.delete_namespaced_job(
+                name, ns, body=client.V1DeleteOptions(propagation_policy="Background")
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise _api_error(e, f"delete failed Job/{name}") from None
+        # Background propagation removes the Job object at once; a finalizer can delay it a little.
+        for attempt in range(JOB_RECREATE_ATTEMPTS):
+            try:
+                self.batch.create_namespaced_job(ns, doc)
+                return "recreated"
+            except ApiException as e:
+                if e.status != 409 or attempt == JOB_RECREATE_ATTEMPTS - 1:
+                    raise _api_error(e, f"recreate failed Job/{name}") from None
+            time.sleep(1.0)
+        return "recreated"  # not reached
+
+    # -- Ray dashboard access ------------------------------------------------------------------
+    def dashboard_auth(
+        self, name: str, *, kind: str | None = None, namespace: str | None = None
+    ) -> DashboardAuth:
+        """The in-cluster Jobs API address of ``name``'s Ray cluster and its auth token (None when
+        the cluster runs without token auth), read from the Secret KubeRay keeps the token in.
+
+        ``name`` is a RayCluster, or a RayJob / RayService whose current cluster is used.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        ns = namespace or self.namespace
+        obj = self.get(name, kind=kind, namespace=ns)
+        st = obj.get("status") or {}
+        if obj["kind"] == "RayCluster":
+            cluster = obj
+        else:
+            cluster_name = st.get("rayClusterName") or (st.get("activeServiceStatus") or {}).get(
+                "rayClusterName"
+            )
+            if not cluster_name:
+                raise KubernetesError(
+                    f"{obj['kind']}/{name} has no Ray cluster yet",
+                    hint=f"wait until `raylane status {name}` shows it running",
+                )
+            cluster = self.get(cluster_name, kind="RayCluster", namespace=ns)
+        cluster_name = cluster["metadata"]["name"]
+        svc = ((cluster.get("status") or {}).get("head") or {}).get("serviceName") or (
+            f"{cluster_name}-head-svc"
+        )
+        address = f"http://{svc}.{ns}.svc:{DASHBOARD_PORT}"
+        auth = (cluster.get("spec") or {}).get("authOptions") or {}
+        if auth.get("mode", "token" if auth else "disabled") != "token":
+            return DashboardAuth(cluster_name, address, None, None)
+        if auth.get("enableK8sTokenAuth"):
+            raise KubernetesError(
+                f"RayCluster/{cluster_name} delegates auth to Kubernetes service-account tokens "
+                "(authOptions.enableK8sTokenAuth)",
+                hint="submit with `ray job submit` and a token your RBAC grants ray:write",
+            )
+        secret = auth.get("secretName") or kuberay_check_name(cluster_name)
+        try:
+            data = self.core.read_namespaced_secret(secret, ns).data or {}
+        except ApiException as e:
+            if e.status == 404:
+                raise KubernetesError(
+                    f"the auth token Secret {secret!r} of RayCluster/{cluster_name} does not exist (yet)",
+                    hint="KubeRay creates it when it reconciles the cluster; check "
+                    f"`kubectl get secret {secret} -n {ns}`",
+                ) from None
+            raise _api_error(e, f"get Secret/{secret}") from None
+        if TOKEN_KEY not in data:
+            raise KubernetesError(
+                f"Secret {secret!r} has no {TOKEN_KEY!r} key (KubeRay keeps the Ray token there)",
+                hint=f"`kubectl get secret {secret} -n {ns} -o yaml` shows its keys",
+            )
+        token = base64.b64decode(data[TOKEN_KEY]).decode().strip()
+        return DashboardAuth(cluster_name, address, token, secret)
 
     # -- read ----------------------------------------------------------------------------------
     def get(

@@ -107,6 +107,8 @@ def _container(
         c["envFrom"] = [{"secretRef": {"name": k.env_secret}}]
     if extras.mounts:
         c["volumeMounts"] = list(extras.mounts)
+    if k.container_security_context:
+        c["securityContext"] = dict(k.container_security_context)
     return c
 
 
@@ -124,6 +126,8 @@ def _pod_spec(
         ]
     if k.service_account:
         pod["serviceAccountName"] = k.service_account
+    if k.pod_security_context:
+        pod["securityContext"] = dict(k.pod_security_context)
     if spec.priority:
         pod["priorityClassName"] = spec.priority
     if gpu:
@@ -153,12 +157,15 @@ def ray_cluster_spec(spec, extras: PodExtras, labels: dict[str, str]) -> dict[st
             "template": head_pod,
         },
     }
+    cluster["authOptions"] = auth_options(spec)
     if k.autoscaling:
         cluster["autoscalerOptions"] = {
             "version": "v2",
             "idleTimeoutSeconds": k.idle_timeout_seconds,
             "upscalingMode": "Default",
         }
+        if k.container_security_context:  # the autoscaler sidecar KubeRay adds to the head pod
+            cluster["autoscalerOptions"]["securityContext"] = dict(k.container_security_context)
     r = replicas_for(spec)
     groups = []
     if res.uses_gpu:
@@ -185,6 +192,18 @@ def ray_cluster_spec(spec, extras: PodExtras, labels: dict[str, str]) -> dict[st
         groups.append(_group("cpu-workers", r, spec, c, extras, gpu=False, labels=labels))
     cluster["workerGroupSpecs"] = groups
     return cluster
+
+
+def auth_options(spec) -> dict[str, Any]:
+    """KubeRay's ``authOptions`` for ``kubernetes.auth``.
+
+    With ``mode: token`` (and no ``secretName``) the operator generates a random token into a Secret
+    named after the RayCluster (data key ``auth_token``) and gives it to every Ray container, its
+    autoscaler and a RayJob's submitter as ``RAY_AUTH_TOKEN``; the dashboard and Jobs API then
+    refuse requests without it. ``none`` renders ``mode: disabled`` explicitly, so that the choice
+    is visible in the manifest and does not flip with Ray's default.
+    """
+    return {"mode": "token" if spec.kubernetes.auth == "token" else "disabled"}
 
 
 def _group(

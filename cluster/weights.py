@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ class WeightsPlan:
     claim: str
     mount_path: str
     stage: str  # "job" or "init-container"
+    alias_ref: str | None = None  # the spec's models:/NAME@ALIAS when ``ref`` is the version it named
 
     @property
     def local_path(self) -> str:
@@ -57,7 +59,46 @@ def weights_plan(spec) -> WeightsPlan | None:
     ref = _get(spec, field)
     if not ref:
         return None  # e.g. an agent calling an external OpenAI-compatible URL
-    return WeightsPlan(ref, model_key(ref), field, w.claim_name, w.mount_path, w.stage)
+    pinned = pin_registry_alias(ref, spec.storage.root)
+    return WeightsPlan(
+        pinned,
+        model_key(pinned),
+        field,
+        w.claim_name,
+        w.mount_path,
+        w.stage,
+        alias_ref=ref if pinned != ref else None,
+    )
+
+
+def pin_registry_alias(ref: str, storage_root: str) -> str:
+    """``models:/NAME@ALIAS`` as ``models:/NAME/VERSION`` when the registry can be asked now.
+
+    The cache folder is keyed on what this returns, so a promotion (a new champion) gives a new
+    folder and a new staging Job instead of the frozen copy of the old champion. Without a
+    registry here (no ``$MLFLOW_TRACKING_URI`` and no embedded one) the reference stays as it is
+    and a warning says that promotions will not reach runs rendered like this.
+    """
+    if not ref.startswith("models:/") or "@" not in ref:
+        return ref
+    from runtime.registry import existing_tracking_uri, pinned_ref
+
+    why = None
+    if existing_tracking_uri(storage_root) is None:
+        why = "no registry reachable from here (set MLFLOW_TRACKING_URI to the run's registry)"
+    else:
+        try:
+            return pinned_ref(ref, storage_root)
+        except Exception as e:  # noqa: BLE001 -- unreachable server, missing alias: render still works
+            why = str(e).splitlines()[0]
+    print(
+        f"[raylane] warning: {ref} not resolved at render time: {why}; its weight cache is keyed on "
+        "the alias, so a later promotion will not reach this run until it is rendered with the "
+        "registry reachable",
+        file=sys.stderr,
+        flush=True,
+    )
+    return ref
 
 
 def with_local_model(spec, plan: WeightsPlan):
@@ -84,19 +125,49 @@ def stage_command(plan: WeightsPlan, storage_root: str) -> list[str]:
     ]
 
 
-def wait_container(spec, plan: WeightsPlan) -> dict[str, Any]:
+def stage_job_name(plan: WeightsPlan) -> str:
+    return f"stage-{plan.key}"[:63].rstrip("-")
+
+
+def wait_script(plan: WeightsPlan, timeout_s: int) -> str:
+    """The wait step: poll for the marker, give up after ``timeout_s`` with what to check and do."""
     marker = f"{plan.local_path}/{MARKER}"
+    who = (
+        f"the staging Job {stage_job_name(plan)} failed or is still copying "
+        f"(kubectl logs job/{stage_job_name(plan)})"
+        if plan.stage == "job"
+        else "the head pod's stage-weights init container failed or is still copying "
+        "(kubectl logs <head pod> -c stage-weights)"
+    )
+    what = f"{plan.alias_ref} ({plan.ref})" if plan.alias_ref else plan.ref
+    message = (
+        f"raylane: the weights of {what} are not staged at {plan.local_path} after {timeout_s} s: "
+        f"{who}; fix the cause, then run raylane apply again (it recreates a failed staging Job)"
+    )
+    message = re.sub(r'([\\"$`])', r"\\\1", message)  # inert inside the double quotes below
+    # date +%s works in busybox and GNU sh images alike; a deadline, not a counter, survives slow polls.
+    return (
+        f"deadline=$(( $(date +%s) + {timeout_s} )); "
+        f"until [ -f {marker} ]; do "
+        f'if [ "$(date +%s)" -ge "$deadline" ]; then echo "{message}" >&2; exit 1; fi; '
+        f"echo waiting for {marker}; sleep 5; done"
+    )
+
+
+def wait_container(spec, plan: WeightsPlan) -> dict[str, Any]:
     return {
         "name": "wait-for-weights",
         "image": pod_image(spec),
         "imagePullPolicy": spec.kubernetes.image_pull_policy,
-        "command": [
-            "sh",
-            "-c",
-            f"until [ -f {marker} ]; do echo waiting for {marker}; sleep 5; done",
-        ],
+        "command": ["sh", "-c", wait_script(plan, spec.kubernetes.weights.wait_timeout_s)],
         "volumeMounts": [{"name": VOLUME, "mountPath": plan.mount_path, "readOnly": True}],
+        **_security(spec),
     }
+
+
+def _security(spec) -> dict[str, Any]:
+    sc = spec.kubernetes.container_security_context
+    return {"securityContext": dict(sc)} if sc else {}
 
 
 def stage_container(spec, plan: WeightsPlan) -> dict[str, Any]:
@@ -106,6 +177,7 @@ def stage_container(spec, plan: WeightsPlan) -> dict[str, Any]:
         "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": stage_command(plan, spec.storage.root),
         "volumeMounts": [{"name": VOLUME, "mountPath": plan.mount_path}],
+        **_security(spec),
     }
     if spec.kubernetes.env_secret:  # hub tokens / object-store credentials for the download
         c["envFrom"] = [{"secretRef": {"name": spec.kubernetes.env_secret}}]
@@ -139,12 +211,14 @@ def stage_job_manifest(
     }
     if spec.kubernetes.service_account:
         pod["serviceAccountName"] = spec.kubernetes.service_account
+    if spec.kubernetes.pod_security_context:
+        pod["securityContext"] = dict(spec.kubernetes.pod_security_context)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         # Named by the model, not the run: every run of the same model shares one staging Job.
         "metadata": {
-            "name": f"stage-{plan.key}"[:63].rstrip("-"),
+            "name": stage_job_name(plan),
             "namespace": namespace,
             "labels": {**labels, "raylane.dev/model-key": plan.key},
         },

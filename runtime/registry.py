@@ -24,13 +24,28 @@ EXPERIMENT = "raylane"
 REF_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
+def local_registry_dir(storage_root: str) -> Path:
+    """The local folder of the embedded registry and its download cache: ``<root>/registry`` for a
+    local storage root; for a remote (``s3://``) root ``$RAYLANE_REGISTRY_ROOT`` (else ~/.raylane),
+    never a path made from the URI (``./s3:/bucket`` in the working directory)."""
+    root = storage_root if "://" not in storage_root else os.environ.get("RAYLANE_REGISTRY_ROOT", DEFAULT_STORAGE_ROOT)
+    return Path(root).expanduser().resolve() / "registry"
+
+
 def tracking_uri(storage_root: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = storage_root if "://" not in storage_root else os.environ.get("RAYLANE_REGISTRY_ROOT", DEFAULT_STORAGE_ROOT)
-    d = Path(root).expanduser().resolve() / "registry"
+    d = local_registry_dir(storage_root)
     d.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def existing_tracking_uri(storage_root: str) -> str | None:
+    """The registry ``tracking_uri`` would use, or None when there is none yet (creates nothing)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = local_registry_dir(storage_root) / "mlflow.db"
+    return f"sqlite:///{db}" if db.is_file() else None
 
 
 @dataclass
@@ -166,9 +181,21 @@ class Registry:
 
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     m = REF_RE.match(ref)
-    if not m:
+    if not m or m["name"] in (".", ".."):  # the name becomes a cache folder
         raise RaylaneError(f"bad registry reference {ref!r}", hint="use models:/NAME@ALIAS or models:/NAME/VERSION")
     return m["name"], m["alias"], int(m["version"]) if m["version"] else None
+
+
+def pinned_ref(ref: str, storage_root: str = DEFAULT_STORAGE_ROOT) -> str:
+    """``models:/NAME@ALIAS`` as the version it names now (``models:/NAME/VERSION``); a version ref as is."""
+    name, alias, _ = parse_ref(ref)
+    if alias is None:
+        return ref
+    info = Registry(storage_root).alias(name, alias)
+    if info is None:
+        raise RaylaneError(f"{ref}: model {name!r} has no version with alias {alias!r}",
+                           hint=f"`raylane registry list {name}` shows versions and aliases")
+    return f"models:/{name}/{info.version}"
 
 
 def resolve_registry_uri(ref: str, storage_root: str = DEFAULT_STORAGE_ROOT) -> str:
@@ -189,10 +216,20 @@ def resolve_registry_uri(ref: str, storage_root: str = DEFAULT_STORAGE_ROOT) -> 
 
     from runtime import storage
 
-    dest = Path(storage_root).expanduser().resolve() / "registry" / "cache" / name / str(info.version)
+    dest = local_registry_dir(storage_root) / "cache" / name / str(info.version)
     if not dest.is_dir():
+        import shutil
+        import uuid
+
         fs, path = storage.resolve(source)
-        tmp = dest.with_name(dest.name + ".partial")
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        tmp.rename(dest)
+        # A folder of our own: concurrent replicas never merge into one another's half copy.
+        tmp = dest.with_name(f"{dest.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            tmp.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # not a lost race: a real failure
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)

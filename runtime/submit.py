@@ -41,6 +41,32 @@ ALWAYS_EXCLUDED = [
     "*.egg-info",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Never uploaded, gitignored or not: credentials the job does not need and the cluster must not hold.
+SECRET_PATTERNS = [
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".pypirc",
+    "kubeconfig*",
+    "keys",
+    "keys.*",
+    "*-keys",
+    "*-keys.*",
+    "*_keys",
+    "*_keys.*",
+    "credentials",
+    "credentials.*",
+    ".aws",
+    ".kube",
+    ".ssh",
+]
 
 
 def job_module(spec) -> str:
@@ -68,6 +94,8 @@ class SubmitResult:
     excluded_large_files: list[str] = field(default_factory=list)
     message: str | None = None
     seconds: float = 0.0
+    excluded_secret_files: list[str] = field(default_factory=list)
+    excluded_gitignored: int = 0
 
     @property
     def ok(self) -> bool:
@@ -86,10 +114,13 @@ def submit(
     max_file_mb: float = 10.0,
     timeout_s: float | None = None,
     log: TextIO | None = None,
+    token: str | None = None,
 ) -> SubmitResult:
     """Submit ``spec`` (a path, dict or spec object) to the Ray cluster whose dashboard is ``address``.
 
     With ``follow`` it streams the job's logs to ``log`` (stderr) and returns once the job ends.
+    ``token`` is the cluster's auth token (``raylane submit --cluster`` reads it from KubeRay's
+    Secret); None = ``$RAY_AUTH_TOKEN`` or the token file.
     """
     import yaml
 
@@ -101,7 +132,8 @@ def submit(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raylane-submit-") as tmp:
         workdir = Path(tmp) / "project"
-        large = _compose_working_dir(project, workdir, max_file_mb)
+        secrets, ignored = left_behind(project)
+        large = [f for f in _compose_working_dir(project, workdir, max_file_mb) if not _under(f, secrets + ignored)]
         spec_name = f"raylane-spec-{spec.name}.yaml"
         (workdir / spec_name).write_text(yaml.safe_dump(dump_spec(spec), sort_keys=False))
         for f in large:
@@ -110,12 +142,14 @@ def submit(
                 file=log,
                 flush=True,
             )
+        for f in secrets:
+            print(f"[submit] not uploading {f} (looks like a credential)", file=log, flush=True)
         entrypoint = f"python -m {module} --spec {spec_name}"
-        client = _client(url)
+        client = _client(url, token)
         job_id = f"raylane-{spec.name}-{uuid.uuid4().hex[:8]}"
         runtime_env = {
             "working_dir": str(workdir),
-            "excludes": ALWAYS_EXCLUDED + [f"/{f}" for f in large],
+            "excludes": ALWAYS_EXCLUDED + [f"/{f}" for f in large + secrets + ignored],
         }
         try:
             client.submit_job(
@@ -128,6 +162,7 @@ def submit(
             raise _translate(e, url) from None
     print(f"[submit] job {job_id} submitted to {url}: {entrypoint}", file=log, flush=True)
     result = SubmitResult(job_id, url, "PENDING", entrypoint, str(project), large)
+    result.excluded_secret_files, result.excluded_gitignored = secrets, len(ignored)
     if not follow:
         result.status = str(client.get_job_status(job_id).value)
         return result
@@ -169,9 +204,9 @@ def dashboard_url(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
-def auth_headers() -> dict[str, str]:
+def auth_headers(token: str | None = None) -> dict[str, str]:
     """The Authorization header for token-authenticated clusters (Ray >= 2.52), if a token is known."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    token = (token or os.environ.get("RAY_AUTH_TOKEN", "")).strip()
     if not token:
         path = Path(
             os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
@@ -180,14 +215,14 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _client(url: str):
+def _client(url: str, token: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
     from runtime.ray_env import check_reachable
 
     check_reachable(url)
     try:
-        return JobSubmissionClient(url, headers=auth_headers())
+        return JobSubmissionClient(url, headers=auth_headers(token))
     except Exception as e:
         raise _translate(e, url) from None
 
@@ -243,6 +278,47 @@ def _project_dir(project_dir: str | Path | None) -> Path:
     if (cwd / "jobs").is_dir():
         return cwd
     return Path(__file__).resolve().parents[1]
+
+
+def left_behind(project: Path) -> tuple[list[str], list[str]]:
+    """Project paths (relative, '/'-separated) never uploaded: credential-looking files and folders
+    (``SECRET_PATTERNS``, whatever .gitignore says), and what the project's .gitignore files
+    (top level and nested, git's own matching rules) ignore. A matched folder is listed, not its files."""
+    import fnmatch
+
+    # The matcher Ray itself applies to .gitignore files (vendored by Ray), so both agree.
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    secrets: list[str] = []
+    ignored: list[str] = []
+
+    def walk(folder: Path, specs: list[tuple[Path, Any]]) -> None:
+        gi = folder / ".gitignore"
+        if gi.is_file():
+            specs = specs + [(folder, PathSpec.from_lines("gitwildmatch", gi.read_text().splitlines()))]
+        for entry in sorted(folder.iterdir()):
+            rel = entry.relative_to(project).as_posix()
+            is_dir = entry.is_dir() and not entry.is_symlink()
+            if any(fnmatch.fnmatch(entry.name, pat) for pat in ALWAYS_EXCLUDED):
+                continue
+            if any(fnmatch.fnmatch(entry.name, pat) for pat in SECRET_PATTERNS) and not entry.name.endswith(".py"):
+                secrets.append(rel)
+                continue
+            if any(
+                spec.match_file(entry.relative_to(base).as_posix() + ("/" if is_dir else ""))
+                for base, spec in specs
+            ):
+                ignored.append(rel)
+                continue
+            if is_dir:
+                walk(entry, specs)
+
+    walk(project, [])
+    return secrets, ignored
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
 def _compose_working_dir(project: Path, workdir: Path, max_file_mb: float) -> list[str]:

@@ -60,6 +60,7 @@ def _run(args) -> int:
             print(
                 f"{r.kind}/{r.name} in {r.namespace}: created {len(r.created)}, patched {len(r.patched)}, "
                 f"unchanged {len(r.unchanged)}"
+                + (f", recreated {', '.join(r.recreated)} (it had failed)" if r.recreated else "")
             )
             if r.status:
                 print(

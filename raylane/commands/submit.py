@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from raylane.commands._common import add_json
-from raylane.output import json_stdout
+from raylane.commands.apply import add_kube_flags, connect
+from raylane.output import info, json_stdout
 
 
 def register(sub) -> None:
@@ -32,6 +33,16 @@ def register(sub) -> None:
     p.add_argument(
         "--timeout", type=float, default=None, help="stop the job after this many seconds"
     )
+    p.add_argument(
+        "--cluster",
+        metavar="NAME",
+        default=None,
+        help="a KubeRay RayCluster (or RayJob/RayService) to submit to: its auth token is read from "
+        "the Secret KubeRay keeps it in, and --address defaults to its in-cluster head service "
+        "(outside the cluster: `kubectl port-forward svc/NAME-head-svc 8265` and --address "
+        "http://127.0.0.1:8265)",
+    )
+    add_kube_flags(p)
     add_json(p)
     p.set_defaults(func=_run)
 
@@ -40,13 +51,23 @@ def _run(args) -> int:
     from runtime.submit import submit
 
     with json_stdout(args.json) as emit:
+        address, token = args.address, None
+        if args.cluster:
+            auth = connect(args).dashboard_auth(args.cluster)
+            address, token = address or auth.address, auth.token
+            if token is None:
+                info(
+                    f"warning: RayCluster/{auth.cluster} runs WITHOUT token auth (kubernetes.auth: none): "
+                    "anyone who reaches its dashboard can run code there"
+                )
         r = submit(
             args.spec,
-            args.address,
+            address,
             follow=not args.no_follow,
             project_dir=args.project,
             max_file_mb=args.max_file_mb,
             timeout_s=args.timeout,
+            token=token,
         )
         if args.json:
             emit(r)

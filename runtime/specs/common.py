@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -101,6 +101,27 @@ class WeightsCache(StrictModel):
     stage: Literal["job", "init-container"] = Field(
         "job", description="Who copies the weights: a one-off Kubernetes Job, or an init container of the head pod."
     )
+    wait_timeout_s: int = Field(
+        3600,
+        ge=1,
+        description="Seconds a Ray pod waits for the staged weights before its wait-for-weights step fails "
+        "with a message naming the staging Job (the pod then restarts the wait with back-off).",
+    )
+
+
+# Ray images (rayproject/ray, ray-ml, ray-llm) run as user "ray": uid 1000, group users (gid 100).
+# The uid is given explicitly: with a named USER the kubelet cannot verify runAsNonRoot.
+DEFAULT_POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 100,
+    "fsGroup": 100,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+DEFAULT_CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 class KubernetesSpec(StrictModel):
@@ -156,6 +177,25 @@ class KubernetesSpec(StrictModel):
         None, description="Secret whose keys become env vars of every pod (API keys, HF_TOKEN, S3 credentials)."
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every rendered object.")
+    auth: Literal["token", "none"] = Field(
+        "token",
+        description="Ray dashboard / Jobs API / GCS authentication. 'token' (default): KubeRay's token auth "
+        "(authOptions.mode token); the operator keeps the token in a Secret named after the RayCluster and "
+        "`raylane submit --cluster` reads it from there. 'none' turns authentication OFF: any pod that can "
+        "reach <cluster>-head-svc:8265 can submit jobs and run code with every secret the pods hold. Use it "
+        "only on a cluster whose network you trust (or behind a NetworkPolicy).",
+    )
+    pod_security_context: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_POD_SECURITY_CONTEXT),
+        description="Kubernetes PodSecurityContext of every rendered pod (Ray pods and the staging Job). The "
+        "default runs as the Ray images' user (uid 1000, gid 100, non-root) with the RuntimeDefault seccomp "
+        "profile; set another runAsUser for an image with a different user, {} to render none.",
+    )
+    container_security_context: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_CONTAINER_SECURITY_CONTEXT),
+        description="Kubernetes SecurityContext of every rendered container (init containers too). The default "
+        "forbids privilege escalation and drops all Linux capabilities; {} renders none.",
+    )
 
 
 def pod_image(spec) -> str:

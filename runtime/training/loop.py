@@ -25,6 +25,19 @@ STATE_FILE = "state.pt"
 MODEL_DIR = "model"
 
 
+def load_state(path: str) -> dict:
+    """A checkpoint's training state, unpickled as data only (``weights_only``): a checkpoint store
+    that someone else can write must not be able to run code in the job. The RNG state holds one
+    numpy array, so numpy's array reconstruction (data, not code) is allowed as well."""
+    import numpy as np
+    import torch
+
+    np_core = getattr(np, "_core", None) or np.core
+    allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
+
+
 def import_path(target: str, field: str = "train.step_fn"):
     return load_callable(target, field=field)
 
@@ -108,7 +121,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             load_weights(model, os.path.join(d, MODEL_DIR), cfg)
-            state = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
+            state = load_state(os.path.join(d, STATE_FILE))
         start, losses = state["step"], list(state["losses"])
     model = ray.train.torch.prepare_model(model)  # moves to the worker's device, wraps in DDP
     device = ray.train.torch.get_device()

@@ -267,7 +267,7 @@ def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult
 
 
 def _read_state(ckpt) -> dict:
-    import torch
+    from runtime.training.loop import STATE_FILE, load_state
 
     with ckpt.as_directory() as d:
-        return torch.load(f"{d}/state.pt", weights_only=False)
+        return load_state(f"{d}/{STATE_FILE}")

@@ -84,6 +84,7 @@ def test_apply_again_patches_the_run_and_keeps_the_shared_cache(fake_kube, kuber
         ("PATCH", f"{CM}/nightly-spec"),
         ("POST", PVC),
         ("POST", JOBS),
+        ("GET", f"{JOBS}/stage-tiny-8950abfd"),  # exists: recreated only if it failed
         ("POST", RAYJOB),
         ("PATCH", f"{RAYJOB}/nightly"),
     ]

@@ -160,3 +160,119 @@ def test_services_are_not_jobs():
     with pytest.raises(RaylaneError, match="not Ray jobs") as e:
         job_module("OnlineInference")
     assert "raylane apply" in e.value.hint
+
+
+def _project_with_secrets(tmp_path: Path) -> Path:
+    project = tmp_path / "proj"
+    for d in ("jobs", "data", "conf", "scratch", "sub/cache"):
+        (project / d).mkdir(parents=True)
+    files = {
+        "jobs/x.py": "print(1)\n",
+        "jobs/keys.py": "KEYS = []\n",  # code named like a keys file is still code
+        "data/small.txt": "ok",
+        ".env": "AWS_SECRET_ACCESS_KEY=x\n",
+        ".env.prod": "TOKEN=x\n",
+        "conf/server.pem": "-----BEGIN PRIVATE KEY-----\n",
+        "conf/api-keys": "sk-1\n",
+        "conf/keys.txt": "sk-2\n",
+        "conf/settings.yaml": "a: 1\n",
+        "scratch/out.log": "x",
+        "notes.tmp": "x",
+        "sub/cache/blob": "x",
+        "sub/keep.txt": "x",
+        ".gitignore": "scratch/\n*.tmp\n",
+        "sub/.gitignore": "cache/\n",
+    }
+    for rel, text in files.items():
+        (project / rel).write_text(text)
+    return project
+
+
+def test_credentials_and_gitignored_files_stay_behind(tmp_path):
+    from runtime.submit import left_behind
+
+    secrets, ignored = left_behind(_project_with_secrets(tmp_path))
+    assert secrets == [".env", ".env.prod", "conf/api-keys", "conf/keys.txt", "conf/server.pem"]
+    assert ignored == ["notes.tmp", "scratch", "sub/cache"]
+
+
+def test_ray_packs_exactly_what_submit_means_to_upload(tmp_path):
+    """The working_dir zip Ray itself builds from the composed folder and submit's excludes."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from runtime.submit import ALWAYS_EXCLUDED, _compose_working_dir, left_behind
+
+    project = _project_with_secrets(tmp_path)
+    (project / ".venv").mkdir()
+    (project / ".venv" / "x").write_text("x")
+    secrets, ignored = left_behind(project)
+    _compose_working_dir(project, tmp_path / "wd", max_file_mb=10)
+    excludes = ALWAYS_EXCLUDED + [f"/{f}" for f in secrets + ignored]
+    zpath = tmp_path / "pkg.zip"
+    create_package(str(tmp_path / "wd"), zpath, include_gitignore=True, excludes=excludes)
+    files = sorted(n for n in zipfile.ZipFile(zpath).namelist() if not n.endswith("/"))
+    assert files == [
+        ".gitignore",
+        "conf/settings.yaml",
+        "data/small.txt",
+        "jobs/keys.py",
+        "jobs/x.py",
+        "sub/.gitignore",
+        "sub/keep.txt",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_submit_to_a_kuberay_cluster_sends_the_token_from_its_secret(ray_head, tmp_path):
+    """``raylane submit --cluster``: the token comes only from KubeRay's Secret (read through the
+    Kubernetes API) and the real Ray head, with token auth on, accepts the job; a wrong token in
+    the Secret is refused."""
+    import base64
+
+    from conftest import FakeKube
+
+    from runtime.submit import auth_headers
+
+    # The head's token, as Ray resolved it when the head started (env, else the token file).
+    token = auth_headers()["Authorization"].removeprefix("Bearer ")
+    fake = FakeKube()
+    try:
+        ns = "team"
+        fake.objects[f"/apis/ray.io/v1/namespaces/{ns}/rayclusters/lab"] = {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": {"name": "lab", "namespace": ns},
+            "spec": {"authOptions": {"mode": "token"}},
+            "status": {"state": "ready"},
+        }
+
+        def secret(value: str) -> None:
+            fake.objects[f"/api/v1/namespaces/{ns}/secrets/lab"] = {
+                "kind": "Secret",
+                "metadata": {"name": "lab", "namespace": ns},
+                "data": {"auth_token": base64.b64encode(value.encode()).decode()},
+            }
+
+        env = {
+            "KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig")),
+            "RAY_AUTH_TOKEN": "",
+            "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"),
+            "HOME": str(tmp_path),
+        }
+        spec = _train_spec(tmp_path, "via-secret", "examples/data/train.jsonl")
+        args = ["submit", str(spec), "--cluster", "lab", "--address", ray_head, "--no-follow", "--json"]
+        secret(token)
+        ok = run_cli(*args, env=env, timeout=240)
+        assert ok.returncode == 0, ok.stderr[-3000:]
+        assert json.loads(ok.stdout)["status"] in ("PENDING", "RUNNING", "SUCCEEDED")
+        assert ("GET", f"/api/v1/namespaces/{ns}/secrets/lab") in fake.calls()
+
+        secret("not-the-token")
+        bad = run_cli(*args, env=env, timeout=240)
+        assert bad.returncode == 1
+        assert "refused the token" in bad.stderr and "Traceback" not in bad.stderr
+    finally:
+        fake.close()
