@@ -11,7 +11,6 @@ the agent (unless ``llm.url`` points elsewhere), deploy the agent ingress, serve
 from __future__ import annotations
 
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,8 +38,10 @@ class AgentServeResult:
         return asdict(self)
 
 
-def _log(msg: str) -> None:
-    print(f"[agent] {msg}", file=sys.stderr, flush=True)
+def _log(msg: str, keep: bool = False) -> None:
+    from runtime.progress import note
+
+    note("agent", msg, keep=keep)
 
 
 def ensure_index(spec) -> dict[str, Any] | None:
@@ -144,7 +145,8 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     router = SessionRouter(config)
     router.warm()
     url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
-    _log(f"ready: POST {url}/sessions (auth: {spec.auth}; tools: {', '.join(t.name for t in config['tools']) or 'none'})")
+    tools = ", ".join(t.name for t in config["tools"]) or "none"
+    _log(f"ready: POST {url}/sessions (auth: {spec.auth}; tools: {tools})", keep=True)
     store = spec.sessions.url or f"{config['store']['run_dir']}/sessions.db"
     return AgentServeResult(
         spec.name, url, spec.llm.url or f"serve app {llm_app_name(spec)} (model {spec.llm.model})", spec.auth,

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -59,7 +58,9 @@ class BatchResult:
 
 
 def _log(msg: str) -> None:
-    print(f"[batch] {msg}", file=sys.stderr, flush=True)
+    from runtime.progress import note
+
+    note("batch", msg)
 
 
 class _Progress:

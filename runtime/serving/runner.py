@@ -11,7 +11,6 @@ interrupted (``raylane run``), or return once it is ready (``start_serving``, fo
 from __future__ import annotations
 
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,8 +42,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _log(msg: str) -> None:
-    print(f"[serve] {msg}", file=sys.stderr, flush=True)
+def _log(msg: str, keep: bool = False) -> None:
+    from runtime.progress import note
+
+    note("serve", msg, keep=keep)
 
 
 def start_serving(spec, *, address: str | None = None, port: int | None = None, host: str | None = None,
@@ -83,7 +84,7 @@ def start_serving(spec, *, address: str | None = None, port: int | None = None, 
     model = spec.served_model_id
     ids = [model] + [f"{model}:{a}" for a in spec.adapters]
     url = f"http://{host}:{actual}"
-    _log(f"ready: {url}/v1 (models: {', '.join(ids)}; auth: {spec.auth})")
+    _log(f"ready: {url}/v1 (models: {', '.join(ids)}; auth: {spec.auth})", keep=True)
     return ServeResult(spec.name, url, ids, spec.auth, info.address, round(time.perf_counter() - t0, 1))
 
 

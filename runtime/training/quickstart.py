@@ -7,12 +7,13 @@ and registration, all on the local Ray cluster the quickstart runs on.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
 def _log(msg: str) -> None:
-    print(f"[quickstart]   {msg}", file=sys.stderr, flush=True)
+    from runtime.progress import note
+
+    note("quickstart", f"  {msg}")
 
 
 def stage_train_finetune(ctx) -> dict:

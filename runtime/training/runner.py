@@ -13,7 +13,6 @@ driver alike.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,7 +47,9 @@ class TrainResult:
 
 
 def _log(msg: str) -> None:
-    print(f"[raylane] {msg}", file=sys.stderr, flush=True)
+    from runtime.progress import note
+
+    note("raylane", msg)
 
 
 @dataclass
