@@ -14,6 +14,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Column
+from rich.text import Text
 
 
 def console_for(stream: TextIO) -> Console:
@@ -64,9 +65,8 @@ class StageLines:
     # ------------------------------------------------------------------------------------------
     def finish(self, name: str, seconds: float, figure: str, ok: bool = True) -> None:
         self._drop_task()
-        mark = "[green]✓[/]" if ok else "[red]✗[/]"
-        self.console.print(f"{mark} {name:<11} {seconds:>7.1f} s  ", end="")
-        self.console.print(figure, markup=False)
+        line = Text.assemble(("✓", "green") if ok else ("✗", "red"), f" {name:<11} {seconds:>7.1f} s  {figure}")
+        self.console.print(line)  # one print: a live display redraws between two
 
     def note(self, source: str, msg: str, keep: bool) -> None:
         """A ``runtime.progress`` listener."""
