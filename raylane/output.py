@@ -101,6 +101,8 @@ def _print_tail(err: TextIO, log_path: Path, n: int = TAIL_LINES) -> None:
         lines = []
     lines = [_ANSI.sub("", ln) for ln in lines if ln.strip()]
     if not lines:  # failed before anything logged (a spec or key problem): the error says it all
+        with contextlib.suppress(OSError):
+            log_path.unlink()
         return
     err.write(f"--- the last {min(n, len(lines))} lines of {log_path} ---\n")
     err.write("\n".join(lines[-n:]) + "\n---\n")

@@ -160,3 +160,13 @@ def test_raylane_run_verbose_streams_the_engine_logs(tmp_path):
     assert "[raylane] Training tiny-llama-pretrain:" in r.stderr  # raylane's notes, as they happen
     assert "✓ Training tiny-llama-pretrain" in r.stderr and "2 steps, loss" in r.stderr
     assert "logs:" not in r.stderr and not (tmp_path / "logs").exists()
+
+
+def test_a_failure_before_anything_logged_leaves_no_log(tmp_path):
+    from raylane.output import engine_logs
+    from runtime.errors import RaylaneError
+
+    log = tmp_path / "logs" / "x.log"
+    with pytest.raises(RaylaneError), engine_logs(log):
+        raise RaylaneError("no API keys are configured")
+    assert not log.exists()
