@@ -46,7 +46,9 @@ def resolve_model(ref: str, storage_root: str = DEFAULT_STORAGE_ROOT) -> str:
         seed = tiny_seed(ref)
         return str(write_tiny_model(tiny_model_dir(storage_root, seed), seed=seed))
     if ref.startswith("models:/"):
-        from runtime.registry import resolve_registry_uri  # MLflow loads only for a registry reference
+        from runtime.registry import (
+            resolve_registry_uri,  # MLflow loads only for a registry reference
+        )
 
         return resolve_registry_uri(ref, storage_root)
     if "://" in ref:

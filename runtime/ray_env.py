@@ -155,6 +155,18 @@ def _info(local: bool) -> RayInfo:
     )
 
 
+def ray_logs_dir() -> str | None:
+    """This Ray session's log folder (every worker's, Serve's and HAProxy's logs), when the
+    session's node runs on this machine; None otherwise."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        node = ray._private.worker._global_node
+        if node is not None:
+            return node.get_logs_dir_path()
+    return None
+
+
 def shutdown_ray() -> None:
     import ray
 

@@ -28,3 +28,10 @@ def yes_no(value: str | None, flag: str) -> bool | None:
     if v in ("no", "n", "false", "0"):
         return False
     raise UsageError(f"{flag} takes yes or no, got {value!r}")
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose", "-v", action="store_true",
+        help="stream Ray's, Serve's, HAProxy's and vLLM's logs here (default: a log file, its path printed)",
+    )

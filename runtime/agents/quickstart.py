@@ -8,7 +8,6 @@ sample corpus, served by the agent app with the tiny model beside it.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 
@@ -16,6 +15,7 @@ def stage_agent(ctx) -> dict[str, Any]:
     import httpx
 
     from runtime.agents.runner import start_agent, stop_agent
+    from runtime.log import note
     from runtime.specs import parse_spec
 
     spec = parse_spec({
@@ -40,7 +40,7 @@ def stage_agent(ctx) -> dict[str, Any]:
         stop_agent(served)
     for s in session["steps"]:
         what = s["tool"]["name"] + ("" if s["tool"]["ok"] else " (failed)") if s.get("tool") else s["action"]
-        print(f"[quickstart]   step {s['n']}: {what} ({s['seconds']:.2f} s)", file=sys.stderr, flush=True)
+        note("quickstart", f"  step {s['n']}: {what} ({s['seconds']:.2f} s)")
     tools = [s["tool"] for s in session["steps"] if s.get("tool")]
     return {
         "url": served.url,

@@ -98,7 +98,8 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     router = SessionRouter(config)
     router.warm()
     url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
-    _log(f"ready: POST {url}/sessions (auth: {spec.auth}; tools: {', '.join(t.name for t in config['tools']) or 'none'})")
+    tools = ", ".join(t.name for t in config["tools"]) or "none"
+    _log(f"ready: POST {url}/sessions (auth: {spec.auth}; tools: {tools})", keep=True)
     store = spec.sessions.url or f"{config['store']['run_dir']}/sessions.db"
     return AgentServeResult(
         spec.name, url, spec.llm.url or f"serve app {llm_app_name(spec)} (model {spec.llm.model})", spec.auth,

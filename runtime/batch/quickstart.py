@@ -33,5 +33,6 @@ def stage_batch(ctx) -> dict:
                            hint=f"raylane batch verify {result.output}")
     return {"adapter": spec.adapter, "rows_in": result.rows_in, "rows_out": result.rows_out,
             "rows_error": result.rows_error, "shards_total": result.shards_total,
-            "shards_skipped": result.shards_skipped, "verified": report.ok, "manifest": result.manifest,
-            "tokens_per_s": result.tokens_per_s}
+            "shards_skipped": result.shards_skipped, "verified": report.ok, "output": result.output,
+            "manifest": result.manifest, "tokens_per_s": result.tokens_per_s,
+            "rows_per_s": round(result.rows_in / result.seconds, 1) if result.seconds else 0.0}

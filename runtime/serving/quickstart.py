@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 import time
 
 
@@ -14,6 +13,7 @@ def stage_serve(ctx) -> dict:
     import httpx
     from ray import serve
 
+    from runtime.log import note
     from runtime.serving import start_serving
     from runtime.specs import parse_spec
 
@@ -50,7 +50,7 @@ def stage_serve(ctx) -> dict:
                     ttft = time.perf_counter() - t0
                 parts.append(delta)
         reply = "".join(parts)
-        print(f"[quickstart]   {model} -> {reply!r}", file=sys.stderr, flush=True)
+        note("quickstart", f"  {model} -> {reply!r}")
         return {"url": served.url, "model": model, "adapter": bool(adapters), "reply": reply,
                 "ttft_ms": round((ttft or 0) * 1000, 1), "request_id": request_id,
                 "ready_seconds": served.ready_seconds}

@@ -60,7 +60,7 @@ def start_serving(spec, *, address: str | None = None, port: int | None = None, 
     deploy(config, host=host, port=port, timeout_s=timeout_s)
     url = f"http://{host}:{port}"
     ids = spec.served_model_ids
-    _log(f"ready: {url}/v1 (models: {', '.join(ids)}; auth: {spec.auth})")
+    _log(f"ready: {url}/v1 (models: {', '.join(ids)}; auth: {spec.auth})", keep=True)
     return ServeResult(spec.name, url, ids, spec.auth, info.address, round(time.perf_counter() - t0, 1),
                        config=config)
 

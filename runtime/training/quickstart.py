@@ -7,12 +7,11 @@ and registration, all on the local Ray cluster the quickstart runs on.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from runtime.log import logger
 
-def _log(msg: str) -> None:
-    print(f"[quickstart]   {msg}", file=sys.stderr, flush=True)
+_log = logger("quickstart")
 
 
 def stage_train_finetune(ctx) -> dict:
