@@ -19,7 +19,6 @@ serves any session.
 
 import json
 import logging
-import os
 import re
 from typing import Any
 
@@ -29,9 +28,9 @@ INGRESS_CPUS = 0.1
 def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = False):
     """The Serve ``Application`` for an ``AgentSpec`` and its resolved ``app_config``.
 
-    ``forward_keys``: hand this process's ``RAYLANE_API_KEYS``/``_FILE`` to the replicas
-    (``raylane run``, where the user exported them here). Deployed from a Serve config (KubeRay),
-    replicas read them from their own environment, e.g. a mounted secret, and nothing is shipped.
+    ``forward_keys``: tell the replicas where this process's keys are (``raylane run``, where the
+    user exported them here): a keys-file path only, never a key value (``replica_key_env``).
+    Deployed from a Serve config (KubeRay), replicas read them from their own environment.
     """
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -46,13 +45,12 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
         owner_digest,
     )
     from runtime.serving.guard import (
-        ENV_KEYS,
-        ENV_KEYS_FILE,
         GuardMiddleware,
         KeySource,
         RateLimiter,
         error_body,
         load_api_keys,
+        replica_key_env,
     )
 
     auth = spec.auth
@@ -73,7 +71,7 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
 
     env_vars = {}
     if forward_keys and auth == "api-key":
-        env_vars = {k: os.environ[k] for k in (ENV_KEYS, ENV_KEYS_FILE) if os.environ.get(k)}
+        env_vars = replica_key_env()
 
     api = FastAPI(title=f"raylane agent {spec.name}", docs_url=None, redoc_url=None, openapi_url=None)
     api.add_middleware(_Guard)

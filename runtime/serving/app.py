@@ -19,7 +19,7 @@ This module imports Ray Serve at import time (it subclasses its classes); import
 from __future__ import annotations
 
 import functools
-import os
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,16 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from runtime.serving import config as cfg
 from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
 from runtime.serving.guard import (
-    ENV_KEYS,
-    ENV_KEYS_FILE,
     GuardMiddleware,
     HTTPError,
     KeySource,
     RateLimiter,
+    key_source_warnings,
     load_api_keys,
+    replica_key_env,
 )
 from runtime.serving.streaming import first_then_batched
-from runtime.serving.validation import request_validator
+from runtime.serving.validation import RequestLimits, request_validator, served_routes
 
 # How often a replica re-checks where a registry-alias adapter points (promotion latency).
 ADAPTER_REFRESH_S = 5.0
@@ -139,9 +139,12 @@ class RaylaneLLMServer(LLMServer):
                        storage_root: str = "", **kwargs):
         import asyncio
 
-        if spec.get("auth", "api-key") == "api-key":
+        from runtime.specs import parse_spec
+
+        self._spec = parse_spec(spec, source="RaylaneLLMServer spec")  # once; the guard reads typed fields
+        if self._spec.auth == "api-key":
             load_api_keys()  # raises AuthNotConfigured: the replica fails instead of serving openly
-        self._spec = spec
+        self._served = RequestLimits.from_spec(self._spec).served
         self._resolver = AdapterResolver(adapters, storage_root) if adapters else None
         self._lora_lock = asyncio.Lock()
         if self._resolver:
@@ -164,7 +167,8 @@ class RaylaneLLMServer(LLMServer):
     async def _prepare_request(self, path: str, body: Any) -> None:
         """Load the adapter a request names (``model="base:adapter"``) before vLLM sees it."""
         model = body.get("model") if isinstance(body, dict) else None
-        if self._resolver is not None and isinstance(model, str) and ":" in model:
+        # Only a served adapter id: any other string must never register a new LoRA id.
+        if self._resolver is not None and isinstance(model, str) and ":" in model and model in self._served:
             await self._ensure_adapter(model)
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
@@ -210,15 +214,16 @@ class RaylaneLLMServer(LLMServer):
 
 
 class RaylaneGuard(GuardMiddleware):
-    """``GuardMiddleware`` configured from the spec; built inside the replica, so keys are read
-    from that process's environment (e.g. a Kubernetes secret), never shipped in config."""
+    """``GuardMiddleware`` configured from an ``OnlineInferenceSpec``; built inside the replica,
+    so keys are read from that process's environment or keys file, never shipped in config."""
 
-    def __init__(self, app, spec: dict[str, Any], prepare=None, unavailable=None):
-        keys = KeySource() if spec.get("auth", "api-key") == "api-key" else None
-        rl = spec.get("rate_limit")
-        limiter = RateLimiter(rl["requests_per_minute"], rl["burst"]) if rl else None
-        super().__init__(app, keys=keys, limiter=limiter, validate_body=request_validator(spec), prepare=prepare,
-                         unavailable=unavailable)
+    def __init__(self, app, spec, prepare=None, unavailable=None):
+        rl = spec.rate_limit
+        super().__init__(
+            app, keys=KeySource() if spec.auth == "api-key" else None,
+            limiter=RateLimiter(rl.requests_per_minute, rl.burst) if rl else None,
+            validate_body=request_validator(spec), prepare=prepare, unavailable=unavailable,
+            routes=served_routes(spec), trusted_proxy_hops=spec.trusted_proxy_hops)
 
 
 def check_tool_parser(spec, model_source: str) -> None:
@@ -263,17 +268,18 @@ def build_app(spec):
 
     if spec.auth == "api-key":
         load_api_keys()  # refuse to start before loading any model
+        for warning in key_source_warnings():
+            logging.getLogger(__name__).warning("%s", warning)
     model_source = resolve_model(spec.model, spec.storage.root)
     for name, ref in spec.adapters.items():
         _resolve_adapter(ref, spec.storage.root, name)  # fail here, not on the first request
     check_tool_parser(spec, model_source)
     options = cfg.llm_config(spec, model_source)
     if spec.auth == "api-key":
-        # Each replica reads keys from its own environment. Ray workers inherit the cluster's
-        # environment, not this process's: forward where the keys come from (prefer
-        # RAYLANE_API_KEYS_FILE on shared clusters: only its path travels, never a key).
-        options["runtime_env"]["env_vars"].update(
-            {k: os.environ[k] for k in (ENV_KEYS_FILE, ENV_KEYS) if os.environ.get(k)})
+        # Ray workers inherit the cluster's environment, not this process's: tell the replicas
+        # where the keys are. Only a file path ever travels (a runtime env is visible in the
+        # Serve API, actor listings and logs); see replica_key_env.
+        options["runtime_env"]["env_vars"].update(replica_key_env())
     llm = LLMConfig(**options)
     bind = {"spec": dump_spec(spec)}
     if spec.adapters:

@@ -1,6 +1,7 @@
-"""Ingress guard for raylane's HTTP endpoints: API keys, per-key rate limit, request ids, and
-error bodies without tracebacks. A plain ASGI middleware, so it wraps any FastAPI/Starlette app
-(the LLM ingress here, the agent ingress elsewhere) in the same replica: no extra hop.
+"""Ingress guard for raylane's HTTP endpoints: API keys, a route allow-list, per-key rate limit,
+failed-login limit per client, request ids, and error bodies without tracebacks. A plain ASGI
+middleware, so it wraps any FastAPI/Starlette app (the LLM ingress here, the agent ingress
+elsewhere) in the same replica: no extra hop.
 
 >>> keys = load_api_keys({"RAYLANE_API_KEYS": "k1,k2"})
 >>> sorted(keys)
@@ -8,20 +9,26 @@ error bodies without tracebacks. A plain ASGI middleware, so it wraps any FastAP
 >>> app = GuardMiddleware(inner_app, keys=keys, limiter=RateLimiter(600, 60))  # doctest: +SKIP
 
 Keys come from ``RAYLANE_API_KEYS`` (comma-separated) or the file named by
-``RAYLANE_API_KEYS_FILE`` (one key per line or comma-separated, e.g. a mounted Kubernetes
-secret). The file is re-read when it changes, so rotating the secret needs no redeploy.
+``RAYLANE_API_KEYS_FILE`` (one key per line or comma-separated, ``#`` starts a comment line, e.g.
+a mounted Kubernetes secret). The file is re-read when it changes, so rotating the secret needs
+no redeploy; emptying or deleting it revokes every key it held. Key values never travel in
+Ray's control plane (``replica_key_env``): replicas read their own environment or the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import secrets
+import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from runtime.errors import AuthNotConfigured
@@ -29,29 +36,50 @@ from runtime.errors import AuthNotConfigured
 ENV_KEYS = "RAYLANE_API_KEYS"
 ENV_KEYS_FILE = "RAYLANE_API_KEYS_FILE"
 REQUEST_ID_HEADER = b"x-request-id"
-# Paths that must answer without a key (load balancers and Kubernetes probe them).
-OPEN_PATHS = ("/-/healthz", "/-/routes", "/health")
+# A client-sent request id is kept only when it looks like one (it lands in logs and headers).
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Paths that must answer without a key (load balancers and Kubernetes probe them): exact match.
+OPEN_PATHS = frozenset({"/-/healthz", "/-/routes", "/health"})
 # Bodies larger than this are refused before parsing (a prompt is text, not a payload dump).
 MAX_BODY_BYTES = 8 * 2**20
+# Deeper JSON than this is refused (no OpenAI request nests beyond a handful of levels).
+MAX_JSON_DEPTH = 64
+# Failed authentications a client may make at once, and refilled per minute, before every
+# request from it gets 429 (checked before the key, so a locked-out guesser learns nothing).
+AUTH_FAILURE_BURST = 30
+AUTH_FAILURES_PER_MINUTE = 30
+# Rate-limit buckets kept per limiter; beyond this the least recently used are dropped.
+MAX_BUCKETS = 65536
+
+log = logging.getLogger(__name__)
 
 
 def _parse_keys(text: str) -> set[str]:
-    return {k.strip() for k in text.replace("\n", ",").split(",") if k.strip() and not k.strip().startswith("#")}
+    keys: set[str] = set()
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            continue
+        keys |= {k.strip() for k in line.split(",") if k.strip()}
+    return keys
+
+
+def _read_keys_file(path: str) -> set[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return _parse_keys(f.read())
 
 
 def load_api_keys(environ: Mapping[str, str] | None = None) -> set[str]:
-    """The accepted keys; raises ``AuthNotConfigured`` when neither variable is set."""
+    """The accepted keys; raises ``AuthNotConfigured`` when neither variable gives one."""
     env = os.environ if environ is None else environ
     keys: set[str] = set()
     path = env.get(ENV_KEYS_FILE)
     if path:
         try:
-            with open(path) as f:
-                keys |= _parse_keys(f.read())
+            keys |= _read_keys_file(path)
         except OSError as e:
             raise AuthNotConfigured(
                 f"{ENV_KEYS_FILE}={path} cannot be read: {e.strerror or e}",
-                hint="mount the secret at that path or fix the variable",
+                hint="mount the secret at that path on every node, or fix the variable",
             ) from None
     keys |= _parse_keys(env.get(ENV_KEYS, ""))
     if not keys:
@@ -63,56 +91,222 @@ def load_api_keys(environ: Mapping[str, str] | None = None) -> set[str]:
     return keys
 
 
+def key_source_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Key settings that work but surprise (logged at start)."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_KEYS) and env.get(ENV_KEYS_FILE):
+        return [(f"both {ENV_KEYS} and {ENV_KEYS_FILE} are set: keys from both are accepted, and a key in "
+                 f"{ENV_KEYS} cannot be revoked through the file; set only one")]
+    return []
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
 class KeySource:
-    """Accepted keys, refreshed from ``RAYLANE_API_KEYS_FILE`` when the file changes."""
+    """Accepted keys, refreshed from ``RAYLANE_API_KEYS_FILE`` when the file changes.
 
-    def __init__(self, environ: Mapping[str, str] | None = None, check_every_s: float = 5.0):
+    Fails closed: a file that becomes empty (or only comments), unreadable or deleted revokes
+    every key it held (keys from ``RAYLANE_API_KEYS`` stay). Keys are held as SHA-256 digests,
+    so a lookup's timing says nothing about a key.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None, check_every_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._env = dict(os.environ if environ is None else environ)
-        self._keys = load_api_keys(self._env)
+        load_api_keys(self._env)  # at start, no keys (or an unreadable file) is an error, not "deny all"
+        for warning in key_source_warnings(self._env):
+            log.warning("raylane guard: %s", warning)
         self._path = self._env.get(ENV_KEYS_FILE)
-        self._mtime = self._stat()
-        self._next_check = time.monotonic() + check_every_s
-        self._every = check_every_s
+        self._env_keys = _parse_keys(self._env.get(ENV_KEYS, ""))
+        self._every, self._clock = check_every_s, clock
+        self._signature = self._stat()
+        self._set(self._read_file())
+        self._next_check = clock() + check_every_s
 
-    def _stat(self) -> float | None:
+    def _stat(self) -> tuple | None:
         try:
-            return os.stat(self._path).st_mtime if self._path else None
+            st = os.stat(self._path) if self._path else None
         except OSError:
             return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size) if st else None
+
+    def _read_file(self) -> set[str]:
+        if not self._path:
+            return set()
+        try:
+            return _read_keys_file(self._path)
+        except OSError:
+            return set()
+
+    def _set(self, file_keys: set[str]) -> None:
+        self._keys = self._env_keys | file_keys
+        self._digests = frozenset(_digest(k) for k in self._keys)
+
+    def _refresh(self) -> None:
+        if not self._path or self._clock() < self._next_check:
+            return
+        self._next_check = self._clock() + self._every
+        signature = self._stat()
+        if signature == self._signature:
+            return
+        self._signature = signature
+        file_keys = self._read_file()
+        if not file_keys:
+            state = "missing or unreadable" if signature is None else "empty"
+            log.error("raylane guard: %s=%s is %s: every key it held is revoked%s", ENV_KEYS_FILE, self._path,
+                      state, "" if self._env_keys else " (no key is accepted now)")
+        self._set(file_keys)
 
     def keys(self) -> set[str]:
-        if self._path and time.monotonic() >= self._next_check:
-            self._next_check = time.monotonic() + self._every
-            mtime = self._stat()
-            if mtime != self._mtime:
-                self._mtime = mtime
-                try:
-                    self._keys = load_api_keys(self._env)
-                except AuthNotConfigured:
-                    pass  # a half-written secret keeps the previous keys rather than locking everyone out
+        self._refresh()
         return self._keys
 
+    def accepts(self, key: str) -> bool:
+        self._refresh()
+        return _digest(key) in self._digests
 
-@dataclass
+
+class _StaticKeys:
+    def __init__(self, keys: Iterable[str]):
+        self._digests = frozenset(_digest(k) for k in keys)
+
+    def accepts(self, key: str) -> bool:
+        return _digest(key) in self._digests
+
+
+def _inside_cluster() -> bool:
+    """This process is a Ray worker (e.g. Serve building the app from a config on KubeRay)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    try:
+        return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE
+    except AttributeError:  # a Ray without that private layout: assume a driver
+        return False
+
+
+def _single_node_here() -> bool | None:
+    """True when the cluster is one node and this process runs on it, False when not, None when
+    this process is not connected to Ray yet (``serve run`` builds the app before connecting)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        if ray.util.client.ray.is_connected():
+            return False
+        here = ray.get_runtime_context().get_node_id()
+        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # noqa: BLE001 - an unknown topology is treated as multi-node (nothing written)
+        return False
+    return alive == [here]
+
+
+_written: dict[frozenset, str] = {}
+
+
+def _private_keys_file(keys: set[str]) -> str:
+    """A file only this user can read, holding ``keys``: what replicas on this machine read."""
+    frozen = frozenset(keys)
+    if frozen in _written and os.path.exists(_written[frozen]):
+        return _written[frozen]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    folder = os.path.join(base, f"raylane-keys-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if st.st_uid != os.getuid() or (st.st_mode & 0o077) or not os.path.isdir(folder) or os.path.islink(folder):
+        raise AuthNotConfigured(f"{folder} is not a private folder of this user; refusing to write API keys there",
+                                hint=f"remove it, or export {ENV_KEYS_FILE}=/path/to/a/keys/file")
+    path = os.path.join(folder, f"keys-{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(sorted(keys)) + "\n")
+    _written[frozen] = path
+    return path
+
+
+def replica_key_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What to put in the replicas' ``runtime_env`` so they find this process's keys: at most
+    a file path, never a key value (a runtime env is control-plane state: the Serve API, actor
+    listings and runtime-env logs show it).
+
+    - ``RAYLANE_API_KEYS_FILE`` set: its absolute path (the file must exist on every node).
+    - Only ``RAYLANE_API_KEYS``, built inside the cluster (KubeRay, ``serve deploy``): nothing;
+      the nodes' own environment has the keys (e.g. the secret in ``envFrom``).
+    - Only ``RAYLANE_API_KEYS`` in a driver on a single-node cluster (``raylane run``,
+      ``serve run``): the keys go to a file only this user can read, and its path travels.
+    - A multi-node cluster: nothing; the nodes must have the keys themselves.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(ENV_KEYS_FILE):
+        return {ENV_KEYS_FILE: os.path.abspath(env[ENV_KEYS_FILE])}
+    keys = _parse_keys(env.get(ENV_KEYS, ""))
+    if not keys or _inside_cluster():
+        return {}
+    if _single_node_here() is False:
+        log.warning("raylane: %s is set in this process only and the cluster has other nodes: key values are "
+                    "never shipped to the cluster, so replicas read keys from their own environment (mount a "
+                    "keys file on every node and set %s)", ENV_KEYS, ENV_KEYS_FILE)
+        return {}
+    return {ENV_KEYS_FILE: _private_keys_file(keys)}
+
+
 class RateLimiter:
-    """Token bucket per key: ``burst`` at once, refilled at ``requests_per_minute``."""
+    """Token bucket per key: ``burst`` at once, refilled at ``requests_per_minute``. Holds at
+    most ``max_buckets`` buckets (least recently used dropped first; a bucket idle long enough
+    to be full again is the same as no bucket, so idle ones go as they are passed over)."""
 
-    requests_per_minute: float
-    burst: int
-    clock: Callable[[], float] = time.monotonic
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    def __init__(self, requests_per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_buckets: int = MAX_BUCKETS):
+        self.requests_per_minute, self.burst, self.clock = requests_per_minute, burst, clock
+        self.max_buckets = max_buckets
+        self._rate = requests_per_minute / 60.0
+        self._full_after = burst / self._rate  # seconds for an empty bucket to refill
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self._rate)
+
+    def blocked(self, key: str) -> float:
+        """Like ``acquire`` but takes nothing: 0 if a request may go now, else the wait."""
+        tokens = self._tokens(key, self.clock())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
 
     def acquire(self, key: str) -> float:
         """0 if the request may go now, else the seconds until it may (for Retry-After)."""
-        rate = self.requests_per_minute / 60.0
         now = self.clock()
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * rate)
+        tokens = self._tokens(key, now)
+        wait = 0.0
         if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self._rate
         self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / rate
+        self._buckets.move_to_end(key)
+        self._evict(now)
+        return wait
+
+    def _evict(self, now: float) -> None:
+        for _ in range(2):  # amortised: the oldest two per call, so idle buckets never pile up
+            oldest = next(iter(self._buckets.items()), None)
+            if oldest is None or now - oldest[1][1] < self._full_after:
+                break
+            self._buckets.popitem(last=False)
+        while len(self._buckets) > self.max_buckets:
+            self._buckets.popitem(last=False)
 
 
 class HTTPError(Exception):
@@ -125,8 +319,9 @@ class HTTPError(Exception):
         self.headers = headers or {}
 
 
-# A validator sees the parsed JSON body of a POST and raises HTTPError to reject it.
-BodyValidator = Callable[[str, Any], None]
+# A validator sees the parsed JSON body of a POST and raises HTTPError to reject it. It may
+# return fields to add to the body (e.g. the default max_tokens); the guard splices them in.
+BodyValidator = Callable[[str, Any], "dict[str, Any] | None"]
 # Runs after validation, before the app (e.g. load the LoRA adapter the body names); may raise HTTPError.
 BodyHook = Callable[[str, Any], Awaitable[None]]
 
@@ -142,10 +337,102 @@ _REPLICA_GONE = ("EngineDeadError", "ActorDiedError", "RayActorError", "ActorUna
                  "The actor died", "ray.exceptions")
 
 
+class Routes:
+    """The paths an app serves: exact ones, plus prefixes (``/v1/models/`` for ``/v1/models/{id}``)."""
+
+    def __init__(self, exact: Iterable[str], prefixes: Iterable[str] = ()):
+        self.exact = frozenset(exact) | OPEN_PATHS
+        self.prefixes = tuple(prefixes)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.exact or (bool(self.prefixes) and path.startswith(self.prefixes))
+
+
+def _non_finite(text: str):
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The parsed body, or HTTPError 400 for invalid JSON, NaN/Infinity, or nesting deeper than
+    ``MAX_JSON_DEPTH``."""
+    if not body:
+        return None
+    try:
+        # UTF-8 only (json.loads would also take UTF-16/32, which with_fields cannot splice into).
+        parsed = json.loads(body.decode("utf-8"), parse_constant=_non_finite, parse_float=_finite_float)
+    except RecursionError:
+        raise HTTPError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, non-finite numbers
+        raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+    if isinstance(parsed, (dict, list)) and _too_deep(parsed, MAX_JSON_DEPTH):
+        raise HTTPError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    return parsed
+
+
+def with_fields(body: bytes, parsed: dict, fields: dict[str, Any]) -> bytes:
+    """``body`` with ``fields`` added, without re-serialising it: spliced in after the opening
+    brace (the fields are absent from ``parsed``; one present as null is replaced by re-dumping)."""
+    if not fields:
+        return body
+    if parsed and not any(k in parsed for k in fields):
+        brace = body.index(b"{")
+        extra = json.dumps(fields)[1:-1].encode()
+        return body[:brace + 1] + extra + b"," + body[brace + 1:]
+    return json.dumps({**parsed, **fields}).encode()
+
+
+def _client_of(scope, headers: dict[bytes, bytes], hops: int) -> str:
+    """The client address: with ``hops`` proxies in front that append to X-Forwarded-For, the
+    entry that many from the right (what the outermost trusted proxy saw); else the TCP peer."""
+    if hops:
+        forwarded = headers.get(b"x-forwarded-for")
+        if forwarded:
+            entries = [e.strip() for e in forwarded.decode("latin-1").split(",") if e.strip()]
+            if len(entries) >= hops:  # fewer: the request skipped a proxy, so its header is the client's own
+                return entries[-hops]
+    client = scope.get("client") or ("anonymous", 0)
+    return str(client[0])
+
+
+def _route_path(scope) -> str:
+    """The path inside the app (Serve's route prefix is the ASGI root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+_NO_LIMITER = object()
+
+
 class GuardMiddleware:
-    """ASGI middleware: auth -> rate limit -> body validation -> ``prepare`` -> app; every
-    response gets ``x-request-id``; a 5xx body is replaced by a clean message (503 when the
-    engine died)."""
+    """ASGI middleware: auth (with a failed-login limit per client) -> route allow-list -> rate
+    limit -> body validation -> ``prepare`` -> app; every response gets ``x-request-id``; a 5xx
+    body is replaced by a clean message (503 when the engine died). WebSocket scopes pass the
+    same checks (a refusal closes with 1008); only ``lifespan`` passes through.
+
+    ``routes``: the paths served (``None``: all); others get 404 before any work.
+    ``trusted_proxy_hops``: proxies in front that append the client to X-Forwarded-For (the
+    rate limiters' client identity; 0 = the TCP peer).
+    """
 
     def __init__(
         self,
@@ -156,80 +443,115 @@ class GuardMiddleware:
         validate_body: BodyValidator | None = None,
         prepare: BodyHook | None = None,
         unavailable: Callable[[], bool] | None = None,
+        routes: Routes | None = None,
+        auth_limiter: RateLimiter | None | object = _NO_LIMITER,
+        trusted_proxy_hops: int = 0,
     ):
         self.app = app
         self.keys = keys
+        self._keys = keys if isinstance(keys, KeySource) or keys is None else _StaticKeys(keys)
         self.limiter = limiter
         self.validate_body = validate_body
         self.prepare = prepare
         # True once the backend cannot serve (e.g. its engine died): 503 at once, and any 5xx
         # becomes a 503 "retry" rather than a 500.
         self.unavailable = unavailable
-
-    def _accepted(self) -> set[str] | None:
-        if self.keys is None:
-            return None
-        return self.keys.keys() if isinstance(self.keys, KeySource) else self.keys
+        self.routes = routes
+        if auth_limiter is _NO_LIMITER:
+            auth_limiter = RateLimiter(AUTH_FAILURES_PER_MINUTE, AUTH_FAILURE_BURST) if keys is not None else None
+        self.auth_limiter = auth_limiter
+        self.hops = trusted_proxy_hops
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind == "lifespan":
             return await self.app(scope, receive, send)
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        request_id = (headers.get(REQUEST_ID_HEADER) or b"").decode() or uuid.uuid4().hex
-        # Serve's proxy stamps x-request-id on the request and echoes it on the response; add it
-        # only where nobody upstream did, so a response never carries it twice.
-        stamp = REQUEST_ID_HEADER not in headers
-        if stamp:
-            scope = dict(scope, headers=[*scope.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())])
+        if kind not in ("http", "websocket"):
+            return  # an ASGI extension this guard does not know is not served
+        raw_headers = scope.get("headers", [])
+        headers = {k.lower(): v for k, v in raw_headers}
+        sent_id = headers.get(REQUEST_ID_HEADER)
+        sent_id = sent_id.decode("latin-1") if sent_id is not None else None
+        if sent_id is not None and REQUEST_ID_RE.fullmatch(sent_id):
+            # Serve's Python proxy stamps x-request-id on the request and echoes it on the
+            # response; add it only where nobody upstream did, so a response never carries it twice.
+            request_id, stamp = sent_id, False
+        else:
+            request_id, stamp = uuid.uuid4().hex, True
+            scope = dict(scope, headers=[*((k, v) for k, v in raw_headers if k.lower() != REQUEST_ID_HEADER),
+                                         (REQUEST_ID_HEADER, request_id.encode())])
+        err = self._check(scope, headers)
+        if kind == "websocket":
+            if err is not None:
+                # Before accept, a close is an HTTP 403 to the client; 1008 = policy violation.
+                return await send({"type": "websocket.close", "code": 1013 if err.status == 429 else 1008,
+                                   "reason": err.message[:120]})
+            return await self.app(scope, receive, send)
 
         async def reject(err: HTTPError):
             extra = [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
             await _send_json(send, err.status, error_body(err.status, err.message, err.type, request_id, err.param),
                              request_id if stamp else None, extra)
 
-        path = scope.get("path", "")
-        key = None
-        accepted = self._accepted()
-        if accepted is not None and not path.startswith(OPEN_PATHS):
-            auth = (headers.get(b"authorization") or b"").decode()
-            scheme, _, key = auth.partition(" ")
-            key = key.strip()
-            if scheme.lower() != "bearer" or key not in accepted:
-                return await reject(HTTPError(
-                    401, "missing or invalid API key; send 'Authorization: Bearer <key>'", "authentication_error",
-                    headers={"WWW-Authenticate": "Bearer"}))
-        if self.limiter is not None and not path.startswith(OPEN_PATHS):
-            wait = self.limiter.acquire(key or _client(scope))
-            if wait > 0:
-                retry = max(1, math.ceil(wait))
-                return await reject(HTTPError(
-                    429, f"rate limit exceeded for this API key; retry after {retry} s", "rate_limit_error",
-                    headers={"Retry-After": str(retry)}))
-
-        if self.unavailable is not None and not path.startswith(OPEN_PATHS) and self.unavailable():
-            return await reject(_replica_failed())
-
+        if err is not None:
+            return await reject(err)
+        path = _route_path(scope)
         if scope.get("method") == "POST" and self.validate_body is not None:
             body = await _read_body(receive)
             if body is None:
                 return await reject(HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes"))
             try:
-                try:
-                    parsed = json.loads(body) if body else None
-                except ValueError as e:
-                    raise HTTPError(400, f"request body is not valid JSON: {e}") from None
-                self.validate_body(path, parsed)
+                parsed = parse_json_body(body)
+                fields = self.validate_body(path, parsed)
+                if fields:
+                    body = with_fields(body, parsed, fields)
+                    parsed.update(fields)
                 if self.prepare is not None:
                     await self.prepare(path, parsed)
             except HTTPError as e:
                 return await reject(e)
             except Exception as e:  # a clean 500, the cause goes to the replica log
-                logging.getLogger(__name__).exception("request %s: preparing the request failed", request_id)
+                log.exception("request %s: preparing the request failed", request_id)
                 return await reject(HTTPError(500, f"internal server error (request id {request_id}): "
                                                    f"{type(e).__name__}", "internal_error"))
             receive = _replay(body, receive)
+            if fields:
+                scope = _with_content_length(scope, len(body))
 
         await self._call_app(scope, receive, send, request_id, stamp)
+
+    def _check(self, scope, headers: dict[bytes, bytes]) -> HTTPError | None:
+        """Auth, routes, rate limit, backend health: the refusal, or None to go on."""
+        path = _route_path(scope)
+        if path in OPEN_PATHS:
+            return None
+        key = None
+        if self._keys is not None:
+            client = _client_of(scope, headers, self.hops)
+            if self.auth_limiter is not None:
+                wait = self.auth_limiter.blocked(client)
+                if wait > 0:  # refused before the key is looked at: a guesser learns nothing
+                    retry = max(1, math.ceil(wait))
+                    return HTTPError(429, f"too many failed authentications from this client; retry after {retry} s",
+                                     "rate_limit_error", headers={"Retry-After": str(retry)})
+            scheme, _, key = (headers.get(b"authorization") or b"").decode("latin-1").partition(" ")
+            key = key.strip()
+            if scheme.lower() != "bearer" or not key or not self._keys.accepts(key):
+                if self.auth_limiter is not None:
+                    self.auth_limiter.acquire(client)
+                return HTTPError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                                 "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        if self.routes is not None and path not in self.routes:
+            return HTTPError(404, f"route {path[:200]} is not served by this endpoint", "not_found_error")
+        if self.limiter is not None:
+            wait = self.limiter.acquire(key or _client_of(scope, headers, self.hops))
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                return HTTPError(429, f"rate limit exceeded for this API key; retry after {retry} s",
+                                 "rate_limit_error", headers={"Retry-After": str(retry)})
+        if self.unavailable is not None and self.unavailable():
+            return _replica_failed()
+        return None
 
     async def _call_app(self, scope, receive, send, request_id: str, stamp: bool = True):
         state = {"started": False, "status": 200, "held": None, "chunks": [], "stamp": stamp}
@@ -281,11 +603,6 @@ def _replica_failed() -> HTTPError:
                      headers={"Retry-After": "1"})
 
 
-def _client(scope) -> str:
-    client = scope.get("client") or ("anonymous", 0)
-    return str(client[0])
-
-
 async def _read_body(receive) -> bytes | None:
     chunks, size = [], 0
     while True:
@@ -323,3 +640,8 @@ async def _send_json(send, status: int, body: bytes, request_id: str | None,
         headers.append((REQUEST_ID_HEADER, request_id.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _with_content_length(scope, length: int):
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+    return dict(scope, headers=[*headers, (b"content-length", str(length).encode())])

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from runtime.specs.common import SpecBase, StrictModel
 from runtime.specs.shape import Shape
@@ -154,6 +154,16 @@ class OnlineInferenceSpec(SpecBase):
     )
     rate_limit: RateLimitSpec | None = Field(
         default_factory=RateLimitSpec, description="Per-key request rate limit; null disables it."
+    )
+    extra_routes: list[Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9_./-]*$")]] = Field(
+        default_factory=list,
+        description="vLLM routes to serve beyond /v1/chat/completions, /v1/completions, /v1/models and /health "
+        "(e.g. '/v1/responses', '/v1/embeddings', '/tokenize'); every other route answers 404.",
+    )
+    trusted_proxy_hops: int = Field(
+        0, ge=0, le=8, description="Proxies in front of the endpoint that append the client address to "
+        "X-Forwarded-For (a load balancer or Kubernetes ingress; Ray's HAProxy does not): rate limits count "
+        "per that client. 0 = per TCP peer (behind a proxy, the proxy's address).",
     )
     host: str = Field(
         "127.0.0.1",

@@ -57,7 +57,7 @@ def served(tiny_model, tmp_path_factory, storage_root, ray_local):
                       tags={})
     spec = parse_spec({
         "kind": "OnlineInference", "name": "e2e-chat", "model": str(tiny_model), "model_id": "tiny",
-        "adapters": {"support": str(adapter), "bot": "models:/e2e-bot@champion"}, "max_lora_rank": 8, "max_model_len": 256, "max_num_seqs": 16,
+        "adapters": {"support": str(adapter), "bot": "models:/e2e-bot@champion"}, "max_lora_rank": 8, "max_model_len": 256, "max_tokens_limit": 200, "max_num_seqs": 16,
         "storage": {"root": str(storage_root)}, "slo": {"ttft_ms_p95": 1000},
         "rate_limit": {"requests_per_minute": 60, "burst": 40},
     })
@@ -133,7 +133,7 @@ def test_every_bad_input_is_rejected_cleanly(served):
     assert_clean_error(c.post("/v1/chat/completions", headers=auth(), json={
         "model": "tiny:unknown-adapter", "messages": [{"role": "user", "content": "x"}]}), 404)
     msg = assert_clean_error(c.post("/v1/completions", json={**good, "max_tokens": 10_000}, headers=auth()), 400)
-    assert str(spec.max_model_len) in msg
+    assert f"limit of {spec.max_tokens_limit} tokens (max_tokens_limit)" in msg
     # A prompt longer than max_model_len: the engine's own check, passed through as a clean 400.
     msg = assert_clean_error(c.post("/v1/completions", json={**good, "prompt": "hello " * 400}, headers=auth()), 400)
     assert str(spec.max_model_len) in msg
@@ -151,6 +151,100 @@ def test_rate_limit_per_key(served):
     assert int(r.headers["retry-after"]) >= 1
     # Another key is not affected.
     assert c.post("/v1/completions", json=cheap, headers=auth(OTHER_KEY)).status_code == 404
+
+
+@pytest.mark.timeout(300)
+def test_hardened_ingress(served):
+    """Issue 15 on the live endpoint: limits that cannot be dodged, the route allow-list, exact
+    open paths, malformed input as 400, no LoRA ids from junk model names."""
+    spec, _, c = served
+    # No max_tokens: max_tokens_limit applies (vLLM's own default would be the rest of the context).
+    r = c.post("/v1/chat/completions", headers=auth(), json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == spec.max_tokens_limit
+    for method, path in (("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+                         ("POST", "/pooling"), ("POST", "/score"), ("POST", "/invocations"),
+                         ("POST", "/v1/load_lora_adapter"), ("POST", "/sleep"), ("POST", "/collective_rpc"),
+                         ("POST", "/start_profile"), ("POST", "/reset_prefix_cache")):
+        r = c.request(method, path, headers=auth(), json={"model": "tiny", "prompt": "hi", "lora_name": "x",
+                                                          "lora_path": "/tmp"})
+        assert_clean_error(r, 404)
+    assert c.get("/health").status_code == 200  # open, exactly
+    assert_clean_error(c.get("/healthXYZ"), 401)
+    nan = b'{"model": "tiny", "prompt": "x", "max_tokens": 4, "temperature": NaN}'
+    assert_clean_error(c.post("/v1/completions", content=nan, headers={**auth(), "content-type": "application/json"}),
+                       400)
+    assert_clean_error(c.post("/v1/completions", json={"model": ["tiny"], "prompt": "x"}, headers=auth()), 400)
+    assert_clean_error(c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 1000}, headers=auth()),
+                       400)
+    deep = b"[" * 50_000 + b"]" * 50_000
+    assert_clean_error(c.post("/v1/completions", content=deep, headers={**auth(), "content-type": "application/json"}),
+                       400)
+    # Junk model names never register a LoRA id, on any route.
+    for i, path in enumerate(("/tokenize", "/v1/completions", "/invocations")):
+        c.post(path, headers=auth(), json={"model": f"junk{i}:support", "prompt": "hi", "max_tokens": 2})
+    ids = [m["id"] for m in c.get("/v1/models", headers=auth()).json()["data"]]
+    assert not [i for i in ids if i.startswith("junk")], ids
+
+
+def test_replica_http_ports_bind_the_spec_host(served):
+    """The replica's own HTTP port (direct ingress, behind HAProxy) listens where the spec says
+    (127.0.0.1 on a local run), not on every interface."""
+    import psutil
+    import ray
+
+    spec, _, _ = served
+    (name,) = _engine_replica_actors(spec.name)
+    pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
+    from ray.serve._private.constants import (
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT as HI,
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT as LO,
+    )
+
+    listening = [conn.laddr for conn in psutil.Process(pid).net_connections(kind="inet")
+                 if conn.status == psutil.CONN_LISTEN]
+    http = [addr for addr in listening if LO <= addr.port <= HI]  # the rest is Ray's own worker gRPC
+    assert http, f"no direct-ingress HTTP port among {listening}"
+    assert {addr.ip for addr in http} == {spec.host}, http
+
+
+@pytest.mark.timeout(300)
+def test_api_key_values_never_reach_ray_state_or_logs(served, ray_local):
+    """Keys were exported only in this process: replicas got a keys-file path, never a value, so
+    no key is in the Serve REST API, the actor list or any log of the session."""
+    import dataclasses
+
+    import ray
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )
+    from ray.util.state import list_actors
+
+    spec, _, c = served
+    assert c.get("/v1/models", headers=auth()).status_code == 200  # the keys work
+    secrets_ = [k.encode() for k in (KEY, OTHER_KEY, LIMITED_KEY)]
+    r = httpx.get(f"{ray_local.dashboard_url}/api/serve/applications/", timeout=60,
+                  headers=get_auth_headers_if_auth_enabled({}))
+    assert r.status_code == 200 and spec.name in r.text
+    assert not [k for k in secrets_ if k in r.content]
+    actors = repr([dataclasses.asdict(a) if dataclasses.is_dataclass(a) else a
+                   for a in list_actors(address=ray_local.dashboard_url, detail=True, limit=10_000)]).encode()
+    assert b"SERVE_REPLICA" in actors and not [k for k in secrets_ if k in actors]
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    hits, files, env_logged = [], 0, False
+    for folder, _, names in os.walk(logs):
+        for n in names:
+            path = os.path.join(folder, n)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            files += 1
+            env_logged |= b"RAYLANE_API_KEYS_FILE" in data  # the runtime env is logged: with a path only
+            hits += [f"{path}: {k.decode()}" for k in secrets_ if k in data]
+    assert files > 10 and env_logged and not hits, hits
 
 
 @pytest.mark.timeout(300)
@@ -297,7 +391,7 @@ def test_crashed_engine_fails_fast_with_503_and_replica_is_replaced(served):
         t0 = time.monotonic()
         try:
             r = httpx.post(f"{result.url}/v1/completions", headers=auth(), timeout=120, json={
-                "model": "tiny", "prompt": "go", "max_tokens": 240, "ignore_eos": True})
+                "model": "tiny", "prompt": "go", "max_tokens": 200, "ignore_eos": True})
             outcome.update(status=r.status_code, text=r.text, headers=dict(r.headers))
         except httpx.HTTPError as e:
             outcome.update(status=None, text=repr(e))

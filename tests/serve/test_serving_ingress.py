@@ -3,6 +3,8 @@ plain Starlette app, and the spec/config rules. No Ray."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -48,7 +50,8 @@ def client(**guard) -> httpx.AsyncClient:
 def spec_validator(**over):
     from runtime.serving.validation import request_validator
 
-    spec = {"name": "chat", "model_id": "tiny", "adapters": {"support": "/x"}, "max_model_len": 512, **over}
+    spec = parse_spec({"kind": "OnlineInference", "name": "chat", "model": "tiny", "model_id": "tiny",
+                       "adapters": {"support": "/x"}, "max_model_len": 512, "auth": "none", **over})
     return request_validator(spec)
 
 
@@ -231,3 +234,258 @@ def test_tools_without_tool_calling_name_the_spec_field():
     off("/v1/chat/completions", {"model": "tiny", "tools": tools, "tool_choice": "none"})
     on("/v1/chat/completions", {"model": "tiny", "tools": tools, "tool_choice": {"type": "function",
                                                                                 "function": {"name": "f"}}})
+
+
+# ---- hardening (issue 15): each test below failed on the guard before it ----
+
+def serving_spec(**over):
+    return parse_spec({"kind": "OnlineInference", "name": "chat", "model": "tiny", "model_id": "tiny",
+                       "adapters": {"support": "/x"}, "max_model_len": 512, "auth": "none", **over})
+
+
+def routed_client(spec=None, transport_client=("10.0.0.9", 1234), **guard) -> httpx.AsyncClient:
+    """The guard configured as the LLM replica configures it, over an app that echoes every path."""
+    from runtime.serving.validation import request_validator, served_routes
+
+    async def any_path(scope, receive, send):
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        length = dict(scope["headers"]).get(b"content-length", b"").decode()
+        out = JSONResponse({"path": scope["path"], "body": body.decode(), "length": length})
+        await out(scope, receive, send)
+
+    spec = spec or serving_spec()
+    guard.setdefault("validate_body", request_validator(spec))
+    guard.setdefault("routes", served_routes(spec))
+    guard.setdefault("keys", None)
+    app = GuardMiddleware(any_path, **guard)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False,
+                                                           client=transport_client), base_url="http://t")
+
+
+@pytest.mark.anyio
+async def test_websocket_scopes_are_authenticated_and_only_lifespan_passes():
+    reached, sent = [], []
+
+    async def inner(scope, receive, send):
+        reached.append(scope["type"])
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    app = GuardMiddleware(inner, keys={"k1"})
+    ws = {"type": "websocket", "path": "/v1/realtime", "headers": []}
+    await app(ws, receive, send)
+    assert reached == [] and sent == [{"type": "websocket.close", "code": 1008, "reason": sent[0]["reason"]}]
+    await app({**ws, "headers": [(b"authorization", b"Bearer wrong")]}, receive, send)
+    assert reached == [] and sent[-1]["code"] == 1008
+    await app({**ws, "headers": [(b"authorization", b"Bearer k1")]}, receive, send)
+    await app({"type": "lifespan"}, receive, send)
+    assert reached == ["websocket", "lifespan"]
+
+
+@pytest.mark.anyio
+async def test_open_paths_match_exactly():
+    async with routed_client(keys={"k1"}, routes=None) as c:
+        assert (await c.get("/health")).status_code == 200
+        for path in ("/healthXYZ", "/health/../tokenize", "/-/healthz-admin"):
+            assert (await c.get(path)).status_code == 401, path
+
+
+@pytest.mark.anyio
+async def test_only_served_routes_answer():
+    auth = {"Authorization": "Bearer k1"}
+    async with routed_client(keys={"k1"}) as c:
+        for path in ("/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/invocations", "/docs",
+                     "/openapi.json", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up",
+                     "/collective_rpc", "/start_profile", "/reset_prefix_cache", "/v1/responses", "/v1/embeddings",
+                     "/v1/chat/completions/x"):
+            r = await c.post(path, json={"model": "tiny", "prompt": "x"}, headers=auth)
+            assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", path
+        assert (await c.get("/docs", headers=auth)).status_code == 404
+        assert (await c.get("/v1/models/tiny", headers=auth)).status_code == 200
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            assert (await c.post(path, json={"model": "tiny", "max_tokens": 4}, headers=auth)).status_code == 200
+        assert (await c.post("/tokenize", json={})).status_code == 401  # no key: nothing about routes leaks
+    async with routed_client(serving_spec(extra_routes=["/tokenize", "/v1/responses"])) as c:
+        assert (await c.post("/tokenize", json={"model": "tiny", "prompt": "x"})).status_code == 200
+        assert (await c.post("/score", json={"model": "tiny"})).status_code == 404
+
+
+@pytest.mark.anyio
+async def test_token_limits_cannot_be_dodged():
+    spec = serving_spec(max_tokens_limit=16, extra_routes=["/v1/responses", "/invocations"])
+    async with routed_client(spec) as c:
+        # Omitted: the limit is filled in (spliced into the body, content-length fixed).
+        r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+        got = r.json()
+        assert json.loads(got["body"]) == {"max_tokens": 16, "model": "tiny", "prompt": "x"}
+        assert int(got["length"]) == len(got["body"].encode())
+        r = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": [], "max_tokens": None})
+        assert json.loads(r.json()["body"])["max_completion_tokens"] == 16
+        r = await c.post("/v1/responses", json={"model": "tiny", "input": "x"})
+        assert json.loads(r.json()["body"])["max_output_tokens"] == 16
+        r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 8})
+        assert json.loads(r.json()["body"])["max_tokens"] == 8  # a request's own smaller value stays
+        # Every token field on every route, /invocations included.
+        for path, body in (("/v1/responses", {"max_output_tokens": 17}), ("/invocations", {"max_tokens": 100}),
+                           ("/v1/chat/completions", {"max_completion_tokens": 17})):
+            r = await c.post(path, json={"model": "tiny", **body})
+            assert r.status_code == 400 and "limit of 16 tokens (max_tokens_limit)" in r.text, path
+        assert (await c.post("/invocations", json={"model": "nope"})).status_code == 404
+
+
+@pytest.mark.anyio
+async def test_fields_that_multiply_work_are_capped():
+    async with routed_client() as c:
+        bad = [{"n": 1000}, {"best_of": 17}, {"n": 0}, {"n": True}, {"prompt": ["x"] * 5000},
+               {"prompt": list(range(513))}, {"stop": ["s"] * 100}, {"stop": "s" * 1000}, {"stop": [1]},
+               {"stop_token_ids": list(range(100))}]
+        for body in bad:
+            r = await c.post("/v1/completions", json={"model": "tiny", "max_tokens": 4, **body})
+            assert r.status_code == 400, body
+            assert r.json()["error"]["param"] == next(iter(body)), body
+        ok = {"model": "tiny", "max_tokens": 4, "n": 2, "prompt": ["a", "b"], "stop": ["\n", "END"]}
+        assert (await c.post("/v1/completions", json=ok)).status_code == 200
+        assert (await c.post("/v1/completions", json={**ok, "prompt": [1, 2, 3]})).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_malformed_json_is_a_clean_400():
+    async with routed_client() as c:
+        for raw in (b'{"model": "tiny", "temperature": NaN}', b'{"model": "tiny", "temperature": Infinity}',
+                    b'{"model": "tiny", "temperature": -Infinity}', b'{"model": "tiny", "top_p": 1e999}',
+                    b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 70 + b"1" + b"}" * 70, b'{"model": "\xff"}'):
+            r = await c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400, raw[:40]
+            assert r.json()["error"]["type"] == "invalid_request_error" and "Traceback" not in r.text
+        for model in (["tiny"], {"id": "tiny"}, 3):
+            r = await c.post("/v1/completions", json={"model": model, "prompt": "x"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "model", model
+        nested_ok = {"model": "tiny", "max_tokens": 4, "x": [[[[{"a": [1]}]]]]}
+        assert (await c.post("/v1/completions", json=nested_ok)).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_failed_authentication_is_limited_per_client():
+    now = [0.0]
+    limiter = RateLimiter(requests_per_minute=60, burst=3, clock=lambda: now[0])
+    async with routed_client(keys={"k1"}, auth_limiter=limiter, trusted_proxy_hops=1) as c:
+        a = {"x-forwarded-for": "forged, 1.1.1.1"}
+        codes = [(await c.get("/v1/models", headers={**a, "Authorization": f"Bearer g{i}"})).status_code
+                 for i in range(5)]
+        assert codes == [401, 401, 401, 429, 429]
+        # Locked out: even the right key gets 429, so a guesser cannot tell a hit from a miss.
+        r = await c.get("/v1/models", headers={**a, "Authorization": "Bearer k1"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        # Another client (the last X-Forwarded-For entry, appended by the one trusted proxy) is unaffected.
+        b = {"x-forwarded-for": "1.1.1.1, 2.2.2.2", "Authorization": "Bearer k1"}
+        assert (await c.get("/v1/models", headers=b)).status_code == 200
+        now[0] += 1.0
+        assert (await c.get("/v1/models", headers={**a, "Authorization": "Bearer k1"})).status_code == 200
+    async with routed_client(keys={"k1"}) as c:  # on by default
+        codes = {(await c.get("/v1/models", headers={"Authorization": f"Bearer g{i}"})).status_code
+                 for i in range(40)}
+        assert codes == {401, 429}
+
+
+@pytest.mark.anyio
+async def test_open_endpoint_limits_the_real_client():
+    now = [0.0]
+
+    def limiter():
+        return RateLimiter(requests_per_minute=60, burst=1, clock=lambda: now[0])
+
+    async with routed_client(limiter=limiter(), trusted_proxy_hops=1) as c:
+        h1, h2 = {"x-forwarded-for": "1.1.1.1"}, {"x-forwarded-for": "2.2.2.2"}
+        assert (await c.get("/v1/models", headers=h1)).status_code == 200
+        assert (await c.get("/v1/models", headers=h1)).status_code == 429
+        assert (await c.get("/v1/models", headers=h2)).status_code == 200  # not the proxy's shared bucket
+    async with routed_client(limiter=limiter()) as c:  # no trusted proxy: a forged header buys nothing
+        assert (await c.get("/v1/models", headers=h1)).status_code == 200
+        assert (await c.get("/v1/models", headers=h2)).status_code == 429
+
+
+def test_rate_limiter_state_is_bounded():
+    now = [0.0]
+    limiter = RateLimiter(requests_per_minute=60, burst=5, clock=lambda: now[0], max_buckets=100)
+    for i in range(1000):
+        limiter.acquire(f"client-{i}")
+    assert len(limiter) == 100
+    assert limiter.acquire("client-999") == 0.0 and limiter.acquire("client-999") == 0.0  # recent ones kept
+    now[0] += 10.0  # every bucket has refilled: idle ones are dropped as traffic passes over them
+    for i in range(60):
+        limiter.acquire("busy")
+        now[0] += 1.0
+    assert len(limiter) <= 2
+
+
+def test_key_rotation_fails_closed(tmp_path, caplog):
+    import os
+
+    f = tmp_path / "keys"
+    f.write_text("k1\n")
+    src = KeySource({"RAYLANE_API_KEYS_FILE": str(f)}, check_every_s=0)
+    assert src.accepts("k1")
+    f.write_text("# all revoked\n")
+    assert src.keys() == set() and not src.accepts("k1")
+    f.write_text("k2\n")
+    os.utime(f, (5, 5))
+    assert src.accepts("k2") and not src.accepts("k1")
+    f.unlink()
+    assert not src.accepts("k2") and "revoked" in caplog.text
+    f.write_text("k3\n")  # the secret comes back
+    assert src.accepts("k3")
+    both = KeySource({"RAYLANE_API_KEYS_FILE": str(f), "RAYLANE_API_KEYS": "envkey"}, check_every_s=0)
+    assert both.accepts("envkey") and both.accepts("k3")
+    assert "both RAYLANE_API_KEYS and RAYLANE_API_KEYS_FILE are set" in caplog.text
+    assert load_api_keys({"RAYLANE_API_KEYS": "a,#b"}) == {"a", "#b"}  # only whole lines are comments
+
+
+@pytest.mark.anyio
+async def test_client_request_ids_are_validated():
+    async with routed_client(routes=None) as c:
+        r = await c.get("/v1/models", headers={"x-request-id": "req-1.a_b"})
+        assert "x-request-id" not in r.headers  # kept as sent (Serve's proxy echoes it)
+        for bad in ("a b", "x" * 200, "<script>", "a\\u2028b", "\xff"):
+            r = await c.get("/v1/models", headers={"x-request-id": bad.encode("latin-1")})
+            assert r.status_code == 200 and len(r.headers.get_list("x-request-id")) == 1, bad
+            rid = r.headers["x-request-id"]
+            assert rid != bad and len(rid) == 32 and rid.isalnum(), bad
+    async with routed_client(keys={"k1"}) as c:  # a non-UTF-8 key is just a wrong key
+        r = await c.get("/v1/models", headers={"Authorization": b"Bearer \xff\xfe"})
+        assert r.status_code == 401
+
+
+def test_replica_key_env_never_carries_a_key_value(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from runtime.serving.guard import replica_key_env
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    env = replica_key_env({"RAYLANE_API_KEYS": "sekrit-123,other-456"})
+    assert list(env) == ["RAYLANE_API_KEYS_FILE"] and "sekrit" not in json.dumps(env)
+    path = env["RAYLANE_API_KEYS_FILE"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert KeySource(env).accepts("sekrit-123")  # what the replica reads
+    assert replica_key_env({"RAYLANE_API_KEYS": "sekrit-123,other-456"}) == env  # written once
+    monkeypatch.chdir(tmp_path)
+    assert replica_key_env({"RAYLANE_API_KEYS_FILE": "keys", "RAYLANE_API_KEYS": "x"}) == {
+        "RAYLANE_API_KEYS_FILE": str(tmp_path / "keys")}
+    assert replica_key_env({}) == {}
+
+
+@pytest.mark.anyio
+async def test_only_utf8_json_is_parsed():
+    async with routed_client() as c:
+        raw = json.dumps({"model": "tiny", "prompt": "x"}).encode("utf-16")
+        r = await c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400
