@@ -103,6 +103,10 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, **_option
 
     records: dict[int, sh.CommitRecord] = dict(committed)
     tokens_run = rows_run = 0
+    from runtime.metrics import RayMetrics
+
+    # Counted per committed shard (rows that are durably done), so rate() is the real throughput.
+    meter = RayMetrics("raylane_batch_rows", "raylane_batch_output_tokens")
     if pending:
         model_dir = resolve_model(spec.model, spec.storage.root)
         adapter_dir = resolve_model(spec.adapter, spec.storage.root) if spec.adapter else None
@@ -131,6 +135,8 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, **_option
             tokens_run += rec.output_tokens
             rows_run += rec.rows
             progress.add(rec.rows, rec.output_tokens, force=len(records) == len(ranges))
+            meter.inc("raylane_batch_rows", rec.rows, job=spec.name)
+            meter.inc("raylane_batch_output_tokens", rec.output_tokens, job=spec.name)
 
         for i in list(pending):
             maybe_commit(i)  # shards made only of error rows
