@@ -55,6 +55,37 @@ def test_finetune_example_trains_evaluates_and_registers(finetuned):
     assert Path(out["checkpoint"]).name == "step-000040"
 
 
+@pytest.mark.timeout(120)
+def test_mlflow_run_has_the_live_training_curves_and_the_version_links_to_it(finetuned):
+    """Rank 0 logged loss, lr, grad_norm and tokens/s every train.log_every_n_steps (default 10)
+    steps into the MLflow run the driver opened before training; model version 1 links to it."""
+    from mlflow.tracking import MlflowClient
+
+    from runtime.registry import tracking_uri
+
+    root, out = finetuned
+    uri = tracking_uri(str(root))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("support-lora", "1")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "support-lora"
+    assert run.data.params["train.log_every_n_steps"] == "10"
+    assert run.data.metrics["eval_loss"] == pytest.approx(out["eval"]["eval_loss"])
+    curves = {k: client.get_metric_history(run.info.run_id, k) for k in ("loss", "lr", "grad_norm", "tokens_per_s")}
+    for key, history in curves.items():
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [10, 20, 30, 40], key
+        assert all(m.value >= 0 for m in history), key  # the cosine schedule ends at lr 0
+    assert all(m.value > 0 for k in ("loss", "grad_norm", "tokens_per_s") for m in curves[k])
+    loss = {m.step: m.value for m in curves["loss"]}
+    hist = out["loss_history"]  # the window means of the per-step losses the run reported
+    assert loss[10] == pytest.approx(sum(hist[:10]) / 10, rel=1e-4)
+    assert loss[40] == pytest.approx(sum(hist[30:]) / 10, rel=1e-4) and loss[40] < loss[10]
+    lr = {m.step: m.value for m in curves["lr"]}
+    assert lr[40] < lr[10]  # the cosine schedule decays
+    # Logged from the training loop: every point predates evaluation and registration.
+    assert max(m.timestamp for h in curves.values() for m in h) < version.creation_timestamp
+
+
 @pytest.mark.timeout(600)
 def test_gate_refuses_a_worse_model_and_keeps_the_champion(finetuned, ray_local):
     from runtime.registry import Registry
