@@ -162,8 +162,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     upload = CheckpointUploadMode.ASYNC if optim["checkpoint_upload"] == "async" else CheckpointUploadMode.SYNC
     clip = optim["grad_clip"] or float("inf")
     every = optim["checkpoint_every_n_steps"]
+    curves = _Curves(cfg, world) if rank == 0 else None  # before t0: it connects to MLflow
     t0, window, ckpt_seconds = time.perf_counter(), [], 0.0
-    curves = _Curves(cfg, world) if rank == 0 else None
 
     for step in range(start, total):
         idx = batch_indices(step, num_blocks=num_blocks, batch_size=optim["batch_size"], world_size=world,
@@ -245,7 +245,6 @@ class _Curves:
 
         self.job, self.world, self.n = cfg["name"], world, cfg["optim"]["log_every_n_steps"]
         self.losses: list[float] = []
-        self.tokens, self.t0 = 0, time.perf_counter()
         self.ray = RayMetrics("raylane_train_steps", "raylane_train_tokens", "raylane_train_loss",
                               "raylane_train_learning_rate")
         self.mlflow = None
@@ -253,6 +252,7 @@ class _Curves:
             from runtime.training.tracking import LiveCurves
 
             self.mlflow = LiveCurves(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["run_id"])
+        self.tokens, self.t0 = 0, time.perf_counter()  # after connecting: tokens/s counts the loop only
 
     def step(self, done: int, total: int, loss: float, norm: float, lr: float, tokens: int) -> None:
         self.losses.append(loss)
