@@ -1,6 +1,6 @@
 """Training harness vs a plain torch loop: steps/s and checkpoint overhead, in one run.
 
-    python -m bench.train [--steps 300] [--workers 1]
+    python -m bench.train [--steps 300] [--workers 1] [--mlflow]
 
 Same model (raylane's tiny Llama config), same packed data (examples/data/train.jsonl, batch 8 x
 128 tokens), same optimiser, 1 worker. Each row runs the plain loop and then the raylane harness (Ray Train v2):
@@ -19,14 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def spec_dict(root: str, name: str, steps: int, every: int, upload: str, workers: int) -> dict:
+def spec_dict(root: str, name: str, steps: int, every: int, upload: str, workers: int, mlflow: bool = False) -> dict:
     return {
         "kind": "Training", "name": name, "storage": {"root": root},
         "data": {"path": str(ROOT / "examples" / "data" / "train.jsonl"), "max_seq_len": 128, "eval_fraction": 0.05},
         "train": {"steps": steps, "batch_size": 8, "learning_rate": 1e-3, "checkpoint_every_n_steps": every,
                   "checkpoint_upload": upload, "checkpoints_to_keep": 2},
         "resources": {"num_workers": workers, "cpus_per_worker": 1},
-        "registry": {"enabled": False},
+        # --mlflow: register each run, so rank 0 also logs its live curves to MLflow while it trains.
+        "registry": {"enabled": mlflow},
     }
 
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--mlflow", action="store_true",
+                   help="registry on: rank 0 logs loss/lr/grad_norm/tokens_per_s to MLflow every 10 steps")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -78,11 +81,11 @@ def main(argv: list[str] | None = None) -> None:
             # The plain loop runs right before each harness run: on a shared machine the load changes
             # between runs, and each ratio compares two measurements taken under the same load.
             plain = plain_loop(prep.cfg, prep.train_blocks, n)
-            r = run_training(parse_spec(spec_dict(root, f"bench-{i}", n, every, upload, args.workers)))
+            r = run_training(parse_spec(spec_dict(root, f"bench-{i}", n, every, upload, args.workers, args.mlflow)))
             n_ckpt = max(1, n // every - 1)  # the last checkpoint falls after the final measurement
             rows.append((label, plain, r.steps_per_second, r.checkpoint_seconds, n_ckpt if every < n else 0))
     print(f"\nTraining harness (Ray Train v2) vs plain torch loop: tiny Llama, batch 8 x 128 tokens, "
-          f"{args.workers} worker(s), {n} steps\n")
+          f"{args.workers} worker(s), {n} steps{', live MLflow curves' if args.mlflow else ''}\n")
     print("| harness checkpoints | plain loop steps/s | harness steps/s | harness / plain | "
           "loop time in checkpoints | per checkpoint |")
     print("|---|---|---|---|---|---|")

@@ -74,30 +74,42 @@ class Registry:
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     # --- writing -------------------------------------------------------------------------------
-    def register(self, name: str, source: str, *, params: dict, metrics: dict, tags: dict) -> VersionInfo:
-        """Log an MLflow run (params, metrics, lineage tags) and a new model version with alias challenger."""
-        from mlflow.entities import Metric, Param
-        from mlflow.exceptions import MlflowException
-
+    def start_run(self, run_name: str, tags: dict) -> str:
+        """An MLflow run in the ``raylane`` experiment, open while training logs its curves into it."""
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
-        run = self.client.create_run(exp_id, run_name=tags.get("raylane.run", name), tags=tags)
+        return self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def register(self, name: str, source: str, *, params: dict, metrics: dict, tags: dict,
+                 run_id: str | None = None) -> VersionInfo:
+        """Log params, final metrics and lineage tags to an MLflow run (``run_id``, the training run
+        that holds the live curves, or a new one) and end it; register a new model version linked
+        to that run, with alias challenger."""
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None:
+            run_id = self.start_run(tags.get("raylane.run", name), tags)
         import time
 
         now = int(time.time() * 1000)
         self.client.log_batch(
-            run.info.run_id,
+            run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
             params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
         )
-        self.client.set_terminated(run.info.run_id)
+        self.end_run(run_id)
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                 raise
         vtags = {**tags, **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if v is not None}}
-        mv = self.client.create_model_version(name, source=source, run_id=run.info.run_id, tags=vtags)
+        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=vtags)
         self.client.set_registered_model_alias(name, CHALLENGER, mv.version)
         return self.get(name, int(mv.version))
 

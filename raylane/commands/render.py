@@ -1,4 +1,4 @@
-"""raylane render SPEC [-o DIR] [--serve-config] [--cluster]: the KubeRay manifests for a spec."""
+"""raylane render SPEC [-o DIR] [--serve-config] [--cluster] [--monitoring]: the KubeRay manifests for a spec."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def register(sub) -> None:
         action="store_true",
         help="a standalone RayCluster of the spec's shape (then `raylane submit` jobs to it)",
     )
+    p.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="only the Prometheus PodMonitor for the spec's Ray pods and the Grafana dashboard ConfigMap",
+    )
     add_json(p)
     p.set_defaults(func=_run)
 
@@ -38,6 +43,8 @@ def _run(args) -> int:
     from runtime.specs import load_spec
 
     spec = load_spec(args.spec)
+    if args.monitoring:
+        return _monitoring(spec, args)
     with json_stdout(args.json) as emit:
         if args.serve_config:
             text = yaml.safe_dump(serve_config_for(spec), sort_keys=False)
@@ -64,6 +71,27 @@ def _run(args) -> int:
             return 0
         docs = render(spec, as_cluster=args.cluster)
         if args.json:
+            emit({"manifests": docs})
+        else:
+            print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    return 0
+
+
+def _monitoring(spec, args) -> int:
+    import yaml
+
+    from cluster.monitoring import render_monitoring
+
+    docs = render_monitoring(spec)
+    with json_stdout(args.json) as emit:
+        if args.output:
+            from pathlib import Path
+
+            path = Path(args.output) / f"{spec.name}.monitoring.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+            emit({"files": [str(path)]}) if args.json else print(f"wrote {path}\nnext: kubectl apply -f {path}")
+        elif args.json:
             emit({"manifests": docs})
         else:
             print(yaml.safe_dump_all(docs, sort_keys=False), end="")

@@ -42,6 +42,7 @@ from runtime.batch.engine import (
 from runtime.batch.lease import LeaseHeld, OutputLease
 from runtime.errors import BatchEngineError
 from runtime.log import logger
+from runtime.metrics import RayMetrics
 from runtime.specs.batch import BatchInferenceSpec
 
 
@@ -280,6 +281,8 @@ class _Run:
         self.expected = {i: plan.ranges[i][1] - plan.ranges[i][0] for i in plan.pending}
         self.tokens_run = self.rows_run = 0
         self.progress = _Progress(len(plan.ids), sum(r.rows for r in plan.committed.values()))
+        # Counted per committed shard (rows that are durably done), so rate() is the real throughput.
+        self.meter = RayMetrics("raylane_batch_rows", "raylane_batch_output_tokens")
 
     def generate(self, address: str | None) -> None:
         """Route outliers to error rows, stream the rest through the engine, commit as shards fill."""
@@ -339,6 +342,8 @@ class _Run:
         self.tokens_run += rec.output_tokens
         self.rows_run += rec.rows
         self.progress.add(rec.rows, rec.output_tokens, force=len(self.records) == len(self.plan.ranges))
+        self.meter.inc("raylane_batch_rows", rec.rows, job=self.spec.name)
+        self.meter.inc("raylane_batch_output_tokens", rec.output_tokens, job=self.spec.name)
 
     def manifest(self) -> dict:
         return _manifest(self.spec, self.run_id, self.plan.ranges, self.records, self.plan.committed)

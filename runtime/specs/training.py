@@ -80,6 +80,11 @@ class OptimSpec(StrictModel):
         description="'async' uploads checkpoints in the background (training continues); 'sync' blocks the "
         "step until the upload is done.",
     )
+    log_every_n_steps: int = Field(
+        10, ge=1,
+        description="Rank 0 logs loss, learning rate, gradient norm and tokens/s every N steps (and the last) "
+        "to the run's MLflow run (live curves while training) and to Ray's Prometheus metrics.",
+    )
     max_failures: int = Field(
         2, ge=0, description="Worker-group restarts (from the last checkpoint) before the run fails."
     )

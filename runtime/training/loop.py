@@ -150,6 +150,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     upload = CheckpointUploadMode.ASYNC if optim["checkpoint_upload"] == "async" else CheckpointUploadMode.SYNC
     clip = optim["grad_clip"] or float("inf")
     every = optim["checkpoint_every_n_steps"]
+    curves = _Curves(cfg, world) if rank == 0 else None  # before t0: it connects to MLflow
     t0, window, ckpt_seconds = time.perf_counter(), [], 0.0
 
     for step in range(start, total):
@@ -173,6 +174,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         if problem:
             if rank == 0:
                 _write_json(join(run_dir, "guard.json"), {"step": step + 1, "problem": problem, "time": time.time()})
+            if curves is not None:
+                curves.close()  # the curve up to the bad step is what explains it
             return  # no optimiser step, no checkpoint: the last good checkpoint stays the latest
         opt.step()
         sched.step()
@@ -180,6 +183,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         losses.append(loss_v)
         window.append(loss_v)
         done = step + 1
+        if curves is not None:
+            curves.step(done, total, loss_v, norm_v, sched.get_last_lr()[0], x.numel())
         if done % every and done != total:
             continue
         elapsed = time.perf_counter() - t0
@@ -213,3 +218,46 @@ def train_loop_per_worker(cfg: dict) -> None:
         ckpt_seconds += time.perf_counter() - t_ckpt
         _write_json(join(run_dir, "workers", f"rank-{rank}.json"),
                     {"pid": os.getpid(), "node": socket.gethostname(), "step": done, "time": time.time()})
+    if curves is not None:
+        curves.close()
+
+
+class _Curves:
+    """Rank 0's live metrics: every ``train.log_every_n_steps`` steps (and the last), the window's
+    mean loss, learning rate, gradient norm and tokens/s go to the MLflow run the driver opened
+    (``cfg["mlflow"]``, when the registry is on) and to Ray's Prometheus metrics. Per step it only
+    adds to the window; the writes happen on LiveCurves' thread."""
+
+    def __init__(self, cfg: dict, world: int):
+        from runtime.metrics import RayMetrics
+
+        self.job, self.world, self.n = cfg["name"], world, cfg["optim"]["log_every_n_steps"]
+        self.losses: list[float] = []
+        self.ray = RayMetrics("raylane_train_steps", "raylane_train_tokens", "raylane_train_loss",
+                              "raylane_train_learning_rate")
+        self.mlflow = None
+        if cfg.get("mlflow"):
+            from runtime.training.tracking import LiveCurves
+
+            self.mlflow = LiveCurves(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["run_id"])
+        self.tokens, self.t0 = 0, time.perf_counter()  # after connecting: tokens/s counts the loop only
+
+    def step(self, done: int, total: int, loss: float, norm: float, lr: float, tokens: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens * self.world  # every rank takes a batch of the same shape
+        if done % self.n and done != total:
+            return
+        now = time.perf_counter()
+        m = {"loss": sum(self.losses) / len(self.losses), "lr": lr, "grad_norm": norm,
+             "tokens_per_s": self.tokens / max(now - self.t0, 1e-9)}
+        if self.mlflow is not None:
+            self.mlflow.log(done, **m)
+        self.ray.inc("raylane_train_steps", len(self.losses), job=self.job)
+        self.ray.inc("raylane_train_tokens", self.tokens, job=self.job)
+        self.ray.set("raylane_train_loss", m["loss"], job=self.job)
+        self.ray.set("raylane_train_learning_rate", lr, job=self.job)
+        self.losses, self.tokens, self.t0 = [], 0, now
+
+    def close(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.close()

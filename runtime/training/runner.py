@@ -183,17 +183,41 @@ def _local_dir(uri: str) -> str | None:
 
 
 def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult:
-    from runtime.ray_env import ray_session
-    from runtime.registry import CHAMPION, Registry
-    from runtime.training.evaluate import gate_decision
+    from runtime.registry import Registry
 
     t_start = time.time()
     prep = prepare(spec)
     run_dir = prep.cfg["run_dir"]
-    guard_uri = storage.join(run_dir, "guard.json")
     total = prep.cfg["total_steps"]
     _log(f"{spec.kind} {spec.name}: {len(prep.train_blocks)} train / {len(prep.eval_blocks)} eval sequences, "
          f"{total} steps, {spec.resources.num_workers} worker(s); run dir {run_dir}")
+    reg = Registry(spec.storage.resolved()) if spec.registry.enabled else None
+    run_id = None
+    if reg:
+        # Opened before training so rank 0 logs its live curves into it; the registered version links to it.
+        run_id = reg.start_run(spec.name, {"raylane.kind": spec.kind, "raylane.run": spec.name,
+                                           "raylane.run_dir": run_dir, "raylane.dataset": spec.data.path,
+                                           "raylane.dataset_fingerprint": prep.fingerprint})
+        prep.cfg["mlflow"] = {"tracking_uri": reg.uri, "run_id": run_id}
+    try:
+        return _train_register(spec, prep, address, t_start, reg, run_id)
+    except BaseException:
+        if run_id:
+            try:
+                reg.end_run(run_id, "FAILED")
+            except Exception:  # noqa: BLE001, S110 - the training error is the one to report
+                pass
+        raise
+
+
+def _train_register(spec, prep: Prepared, address, t_start: float, reg, run_id: str | None) -> TrainResult:
+    from runtime.ray_env import ray_session
+    from runtime.registry import CHAMPION
+    from runtime.training.evaluate import gate_decision
+
+    run_dir = prep.cfg["run_dir"]
+    guard_uri = storage.join(run_dir, "guard.json")
+    total = prep.cfg["total_steps"]
     with ray_session(address):
         result = _fit(spec, prep)
         attempts = _attempts_since(run_dir, t_start)
@@ -214,7 +238,6 @@ def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult
         _copy_dir(ckpt.filesystem, storage.join(ckpt.path, "model"), model_uri)
         model_dir = _local_dir(model_uri) or model_uri
 
-        reg = Registry(spec.storage.resolved()) if spec.registry.enabled else None
         name = spec.registered_name()
         champion = reg.alias(name, CHAMPION) if reg else None
         _log(f"{spec.name}: evaluating step {final_step}" + (f" and champion v{champion.version}" if champion else ""))
@@ -235,12 +258,13 @@ def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult
             metrics = {**new_metrics, "train_loss": state["losses"][-1] if state["losses"] else None}
             existing = reg.find_source(name, model_dir)
             if existing:
+                reg.end_run(run_id)  # nothing trained; the version keeps linking to its own run
                 version = existing
                 alias = CHAMPION if CHAMPION in existing.aliases else "challenger"
                 gate = {"promote": False, "reason": f"already registered as v{existing.version} (a rerun of a "
                         "finished run); not evaluated again by the gate", "metric": spec.eval.gate_metric}
             else:
-                version = reg.register(name, model_dir, params=params, metrics=metrics, tags=lineage)
+                version = reg.register(name, model_dir, params=params, metrics=metrics, tags=lineage, run_id=run_id)
                 decision = gate_decision(new_metrics, champ_metrics, spec.eval.gate_metric,
                                          margin=spec.eval.margin, higher_is_better=spec.eval.higher_is_better)
                 if decision.promote:

@@ -141,6 +141,24 @@ def test_empty_retrieval_reaches_model_and_trace_with_redis_store(agents, redis_
     assert observation["content"].startswith("[retrieve] no results for")
 
 
+@pytest.mark.timeout(300)
+def test_dashboard_agent_panels_query_exported_metrics(agents):
+    """After the sessions above (a tool timeout that ended a session on its failure budget among
+    them), the agents' metrics are on the node's metrics port under the dashboard's names."""
+    from tests.dashboard import assert_rows_exported, metrics_url, sample_values
+
+    assert_rows_exported("Agents")
+    url, deadline = metrics_url(), time.monotonic() + 30
+    while True:
+        failed = sum(sample_values(url, "ray_raylane_agent_tool_calls_total", app="slow", ok="false"))
+        breached = sum(sample_values(url, "ray_raylane_agent_budget_breaches_total", app="slow",
+                                     budget="max_tool_failures"))
+        if (failed and breached) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert failed >= 1 and breached >= 1, (failed, breached)
+
+
 def test_index_built_by_ray_data_answers_queries(agents):
     from runtime.agents.config import index_uri
     from runtime.agents.retrieval import read_manifest, retrieve

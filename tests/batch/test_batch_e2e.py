@@ -82,6 +82,23 @@ def test_example_output_is_complete(example_run):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
+def test_dashboard_batch_panels_query_exported_metrics(example_run):
+    """The run's rows and tokens reached Ray's metrics port, under the names the dashboard queries."""
+    from tests.dashboard import assert_rows_exported, metrics_url, sample_values
+
+    spec, result, _ = example_run
+    assert_rows_exported("Batch")
+    url, deadline = metrics_url(), time.monotonic() + 30
+    while True:  # the driver exports every few seconds; the last shards may be one export behind
+        counted = (sum(sample_values(url, "ray_raylane_batch_rows_total", job=spec.name)),
+                   sum(sample_values(url, "ray_raylane_batch_output_tokens_total", job=spec.name)))
+        if counted == (result.rows_in, result.output_tokens) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert counted == (result.rows_in, result.output_tokens)
+
+
 def test_outliers_become_error_rows(example_run):
     _, _, out = example_run
     by_id = {r["id"]: r for r in _rows(out)}

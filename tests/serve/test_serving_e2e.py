@@ -301,6 +301,23 @@ def test_engine_metrics_reach_autoscaler_and_prometheus(served, ray_local):
     assert "time_to_first_token_seconds_bucket" in text  # a histogram, not a gauge
 
 
+@pytest.mark.timeout(300)
+def test_dashboard_serving_panels_query_exported_metrics(served, ray_local):
+    """Every metric the Grafana dashboard's serving panels query is in a real scrape of this
+    node's Ray metrics port (the requests of the tests above filled the histograms)."""
+    from tests.dashboard import assert_rows_exported, label_values, metrics_url
+
+    spec, _, c = served
+    r = c.post("/v1/completions", headers=auth(), json={"model": "tiny", "prompt": "hi", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert_rows_exported("Serving")
+    # The per-app panels join vLLM's ReplicaId to the application of Serve's replica health gauge.
+    url = metrics_url()
+    engines = label_values(url, "ray_vllm_kv_cache_usage_perc", "ReplicaId", model_name="tiny")
+    replicas = label_values(url, "ray_serve_deployment_replica_healthy", "replica", application=spec.name)
+    assert engines and engines <= replicas, (engines, replicas)
+
+
 def _engine_replica_actors(app_name: str) -> list[str]:
     """Names of the live engine replica actors (``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
     import ray

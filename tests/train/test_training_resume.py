@@ -69,10 +69,41 @@ def _wait_for_step(root: Path, name: str, step: int, timeout: float) -> dict:
     raise AssertionError(f"{name} never reached step {step} with a committed checkpoint: {_worker(root, name)}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_metrics_export():
+    """Ray exports metrics every 10 s by default, about as long as the reference run takes; the
+    dashboard test scrapes the run's live gauges while it trains."""
+    saved = os.environ.get("RAY_metrics_report_interval_ms")
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    yield
+    os.environ.pop("RAY_metrics_report_interval_ms") if saved is None else os.environ.update(
+        RAY_metrics_report_interval_ms=saved)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, ray_local):
+def reference_run(tmp_path_factory, ray_local):
+    """The reference run, and every series name seen on the node's metrics port while it ran."""
+    from tests.dashboard import Scraper, metrics_url
+
     root = tmp_path_factory.mktemp("train-ref")
-    return _run(_spec_dict(root, "ref"))
+    with Scraper(metrics_url()) as scraped:
+        result = _run(_spec_dict(root, "ref", log_every_n_steps=5))
+    return result, scraped.seen
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return reference_run[0]
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_training_panels_query_exported_metrics(reference_run):
+    from tests.dashboard import assert_rows_exported, metrics_url, sample_values
+
+    _, seen = reference_run
+    assert_rows_exported("Training", seen=seen)
+    steps = sum(sample_values(metrics_url(), "ray_raylane_train_steps_total", job="ref"))
+    assert 0 < steps <= STEPS, steps
 
 
 @pytest.mark.timeout(400)

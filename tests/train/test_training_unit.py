@@ -214,3 +214,27 @@ def test_jobs_refuse_the_wrong_kind():
     r = subprocess.run([sys.executable, "-m", "jobs.drift_check", "--spec", str(EXAMPLES / "train.yaml"), "--dry-run"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert r.returncode == 1 and "with a 'drift:' section" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_live_curves_reach_mlflow_in_batches_and_skip_a_store_on_another_node(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from runtime.registry import Registry
+    from runtime.training.tracking import LiveCurves
+
+    reg = Registry(str(tmp_path))
+    run_id = reg.start_run("curves", {"raylane.run": "curves"})
+    curves = LiveCurves(reg.uri, run_id)
+    for step in (5, 10, 15):
+        curves.log(step, loss=4.0 / step, lr=1e-3, grad_norm=0.5, tokens_per_s=1000.0 + step)
+    curves.close()
+    client = MlflowClient(tracking_uri=reg.uri)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(5, 0.8), (10, 0.4), (15, 4.0 / 15)]
+    assert [m.step for m in client.get_metric_history(run_id, "tokens_per_s")] == [5, 10, 15]
+    # A SQLite store that is not on this node: nothing is created there, and training is not held up.
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    other = LiveCurves(f"sqlite:///{missing}", run_id)
+    other.log(1, loss=1.0)
+    other.close(timeout_s=10)
+    assert not other._thread.is_alive() and not missing.exists()
