@@ -57,7 +57,6 @@ def test_local_cluster_has_enough_cpus_for_serve_llm(ray_local):
 def test_local_cluster_gives_haproxy_free_ports(ray_local):
     """HAProxy's stats and metrics listeners default to fixed ports, so a second local cluster on
     the machine could not start its HAProxy; the cluster's workers see the free ones chosen here."""
-    import os
 
     import ray
 
