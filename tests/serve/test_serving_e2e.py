@@ -407,8 +407,9 @@ def test_crashed_engine_fails_fast_with_503_and_replica_is_replaced(served):
     def long_request():
         t0 = time.monotonic()
         try:
+            # 8 choices x 200 tokens: ~200 engine steps, long enough to be cut off even on an idle CPU.
             r = httpx.post(f"{result.url}/v1/completions", headers=auth(), timeout=120, json={
-                "model": "tiny", "prompt": "go", "max_tokens": 200, "ignore_eos": True})
+                "model": "tiny", "prompt": "go", "max_tokens": 200, "n": 8, "ignore_eos": True})
             outcome.update(status=r.status_code, text=r.text, headers=dict(r.headers))
         except httpx.HTTPError as e:
             outcome.update(status=None, text=repr(e))
@@ -416,7 +417,12 @@ def test_crashed_engine_fails_fast_with_503_and_replica_is_replaced(served):
 
     worker = threading.Thread(target=long_request)
     worker.start()
-    time.sleep(0.5)  # the request is in the engine now
+    time.sleep(0.1)
+    # A one-token request sent after it returns once the engine has stepped with both: the long
+    # request is in the engine now (a fixed sleep let it finish first on an idle machine).
+    probe = httpx.post(f"{result.url}/v1/completions", headers=auth(), timeout=60, json={
+        "model": "tiny", "prompt": "probe", "max_tokens": 1})
+    assert probe.status_code == 200, probe.text
     for p in engines:
         p.send_signal(signal.SIGKILL)
     worker.join(timeout=60)
