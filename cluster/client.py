@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cluster.render import render
 from runtime.errors import KubernetesError, RaylaneError
 
 GROUP, VERSION = "ray.io", "v1"
@@ -227,8 +228,6 @@ class KubeRay:
         progress: Callable[[str], None] | None = None,
     ) -> ApplyResult:
         """Create or patch every manifest of ``spec`` (checked first); optionally wait for the result."""
-        from cluster.render import render
-
         docs = render(spec)  # raises ManifestInvalid before anything is sent
         ns = spec.kubernetes.namespace or self.namespace
         created, patched, unchanged, recreated = [], [], [], []

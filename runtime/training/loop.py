@@ -20,6 +20,8 @@ import tempfile
 import time
 
 from runtime.imports import load_callable
+from runtime.metrics import RayMetrics
+from runtime.training.tracking import LiveCurves
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
@@ -229,16 +231,12 @@ class _Curves:
     adds to the window; the writes happen on LiveCurves' thread."""
 
     def __init__(self, cfg: dict, world: int):
-        from runtime.metrics import RayMetrics
-
         self.job, self.world, self.n = cfg["name"], world, cfg["optim"]["log_every_n_steps"]
         self.losses: list[float] = []
         self.ray = RayMetrics("raylane_train_steps", "raylane_train_tokens", "raylane_train_loss",
                               "raylane_train_learning_rate")
         self.mlflow = None
         if cfg.get("mlflow"):
-            from runtime.training.tracking import LiveCurves
-
             self.mlflow = LiveCurves(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["run_id"])
         self.tokens, self.t0 = 0, time.perf_counter()  # after connecting: tokens/s counts the loop only
 

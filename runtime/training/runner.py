@@ -20,6 +20,14 @@ from typing import Any
 from runtime import storage
 from runtime.errors import RaylaneError, TrainingDiverged
 from runtime.log import logger
+from runtime.placement import check_gang
+from runtime.ray_env import ray_session
+from runtime.registry import CHAMPION, Registry
+from runtime.specs import dump_spec
+from runtime.training.data import fingerprint, load_documents, pack, split, steps_per_epoch
+from runtime.training.evaluate import evaluate_model, gate_decision
+from runtime.training.loop import STATE_FILE, load_state, train_loop_per_worker
+from runtime.training.recipes import recipe_for
 
 
 @dataclass
@@ -65,10 +73,6 @@ def prepare(spec) -> Prepared:
     import yaml
     from transformers import AutoTokenizer
 
-    from runtime.specs import dump_spec
-    from runtime.training.data import fingerprint, load_documents, pack, split, steps_per_epoch
-    from runtime.training.recipes import recipe_for
-
     root = spec.storage.resolved()
     cfg: dict[str, Any] = {
         "name": spec.name, "optim": spec.train.model_dump(), "run_dir": storage.join(root, "runs", spec.name),
@@ -113,9 +117,6 @@ def _fit(spec, prep: Prepared):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from runtime.placement import check_gang
-    from runtime.training.loop import train_loop_per_worker
 
     res = spec.resources
     check_gang(res, spec.placement.strategy, spec.placement.timeout_s)
@@ -164,8 +165,6 @@ def _evaluate(spec, prep: Prepared, model_dir: str, champion_dir: str | None) ->
     """Evaluate the new model, and the champion on the same held-out data, in one Ray task."""
     import ray
 
-    from runtime.training.evaluate import evaluate_model
-
     if len(prep.eval_blocks) == 0:
         return {}, None
 
@@ -183,8 +182,6 @@ def _local_dir(uri: str) -> str | None:
 
 
 def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult:
-    from runtime.registry import Registry
-
     t_start = time.time()
     prep = prepare(spec)
     run_dir = prep.cfg["run_dir"]
@@ -211,10 +208,6 @@ def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult
 
 
 def _train_register(spec, prep: Prepared, address, t_start: float, reg, run_id: str | None) -> TrainResult:
-    from runtime.ray_env import ray_session
-    from runtime.registry import CHAMPION
-    from runtime.training.evaluate import gate_decision
-
     run_dir = prep.cfg["run_dir"]
     guard_uri = storage.join(run_dir, "guard.json")
     total = prep.cfg["total_steps"]
@@ -291,7 +284,5 @@ def _train_register(spec, prep: Prepared, address, t_start: float, reg, run_id: 
 
 
 def _read_state(ckpt) -> dict:
-    from runtime.training.loop import STATE_FILE, load_state
-
     with ckpt.as_directory() as d:
         return load_state(f"{d}/{STATE_FILE}")
