@@ -40,10 +40,6 @@ def load_state(path: str) -> dict:
         return torch.load(path, weights_only=True)
 
 
-def import_path(target: str, field: str = "train.step_fn"):
-    return load_callable(target, field=field)
-
-
 def causal_lm_loss(model, batch, step):
     return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
@@ -115,7 +111,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     blocks = ray.get(cfg["blocks_ref"]) if cfg.get("blocks_ref") is not None else cfg["blocks"]
     num_blocks = len(blocks)
     total = cfg["total_steps"]
-    step_fn = import_path(optim["step_fn"]) if optim.get("step_fn") else causal_lm_loss
+    step_fn = load_callable(optim["step_fn"], field="train.step_fn") if optim.get("step_fn") else causal_lm_loss
 
     model = build_model(cfg)
     start, losses, state = 0, [], None
