@@ -15,11 +15,11 @@ import os
 import random
 import shutil
 import socket
-import sys
 import tempfile
 import time
 
 from runtime.imports import load_callable
+from runtime.log import note
 from runtime.metrics import RayMetrics
 from runtime.training.tracking import LiveCurves
 
@@ -141,7 +141,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         _write_json(join(run_dir, "attempts", f"{time.time():.6f}-{os.getpid()}.json"),
                     {"pid": os.getpid(), "start_step": start, "resumed_from_step": resumed_from, "time": time.time()})
         where = f"resuming from step {start}" if ckpt else "starting"
-        print(f"[raylane] {cfg['name']}: {where}; {total} steps, {world} worker(s)", file=sys.stderr, flush=True)
+        note("raylane", f"{cfg['name']}: {where}; {total} steps, {world} worker(s)")
 
     tokenizer = prepare_checkpointing(getattr(model, "module", model), cfg) if rank == 0 else None
     model.train()
@@ -206,8 +206,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             with open(os.path.join(tmp, "spec.yaml"), "w") as f:
                 f.write(cfg["spec_yaml"])
             checkpoint = Checkpoint.from_directory(tmp)
-            print(f"[raylane] {cfg['name']}: step {done}/{total} loss {metrics['loss']:.4f} "
-                  f"grad_norm {norm_v:.3g} ({metrics['steps_per_second']:.1f} steps/s)", file=sys.stderr, flush=True)
+            note("raylane", f"{cfg['name']}: step {done}/{total} loss {metrics['loss']:.4f} "
+                 f"grad_norm {norm_v:.3g} ({metrics['steps_per_second']:.1f} steps/s)")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{done:06d}",
                          checkpoint_upload_mode=upload)
         if checkpoint is not None and upload == CheckpointUploadMode.SYNC:
