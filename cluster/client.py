@@ -31,6 +31,7 @@ PLURALS = {
     "RayCronJob": "raycronjobs",
     "RayCluster": "rayclusters",
 }
+KUBERAY_KINDS = list(PLURALS)  # every kind raylane creates, in the order `get` looks a name up
 JOB_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 JOB_RECREATE_ATTEMPTS = 10
 DASHBOARD_PORT = 8265
@@ -396,7 +397,7 @@ class KubeRay:
         from kubernetes.client.exceptions import ApiException
 
         ns = namespace or self.namespace
-        kinds = [kind] if kind else ["RayJob", "RayService", "RayCronJob", "RayCluster"]
+        kinds = [kind] if kind else KUBERAY_KINDS
         for k in kinds:
             try:
                 return self.custom.get_namespaced_custom_object(
