@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cluster.render import render
 from runtime.errors import KubernetesError, RaylaneError
 
 GROUP, VERSION = "ray.io", "v1"
@@ -30,6 +31,7 @@ PLURALS = {
     "RayCronJob": "raycronjobs",
     "RayCluster": "rayclusters",
 }
+KUBERAY_KINDS = list(PLURALS)  # every kind raylane creates, in the order `get` looks a name up
 JOB_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 JOB_RECREATE_ATTEMPTS = 10
 DASHBOARD_PORT = 8265
@@ -227,8 +229,6 @@ class KubeRay:
         progress: Callable[[str], None] | None = None,
     ) -> ApplyResult:
         """Create or patch every manifest of ``spec`` (checked first); optionally wait for the result."""
-        from cluster.render import render
-
         docs = render(spec)  # raises ManifestInvalid before anything is sent
         ns = spec.kubernetes.namespace or self.namespace
         created, patched, unchanged, recreated = [], [], [], []
@@ -397,7 +397,7 @@ class KubeRay:
         from kubernetes.client.exceptions import ApiException
 
         ns = namespace or self.namespace
-        kinds = [kind] if kind else ["RayJob", "RayService", "RayCronJob", "RayCluster"]
+        kinds = [kind] if kind else KUBERAY_KINDS
         for k in kinds:
             try:
                 return self.custom.get_namespaced_custom_object(

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from cluster import rules
+from cluster import crds, rules
 from cluster.shape import PodExtras, queue_labels, ray_cluster_spec
 from cluster.weights import (
     VOLUME,
@@ -117,8 +117,6 @@ def render(
 
 def check(manifest: dict[str, Any], source: str = "manifest") -> None:
     """Raise ``ManifestInvalid`` listing every CRD-schema problem and KubeRay rule violation."""
-    from cluster import crds
-
     problems = [str(v) + f" (set {v.spec_field} in the spec)" for v in rules.violations(manifest)]
     problems += _schedule_problems(manifest)
     problems += crds.check_manifest(manifest)  # the vendored KubeRay v1.7 CRDs, always there

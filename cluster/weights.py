@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.models import WEIGHTS_MARKER as MARKER
+from runtime.registry import existing_tracking_uri, pinned_ref
 from runtime.specs.common import pod_image
 
 VOLUME = "raylane-weights"
@@ -81,8 +82,6 @@ def pin_registry_alias(ref: str, storage_root: str) -> str:
     """
     if not ref.startswith("models:/") or "@" not in ref:
         return ref
-    from runtime.registry import existing_tracking_uri, pinned_ref
-
     why = None
     if existing_tracking_uri(storage_root) is None:
         why = "no registry reachable from here (set MLFLOW_TRACKING_URI to the run's registry)"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from runtime.defaults import DEFAULT_STORAGE_ROOT
 from runtime.errors import RaylaneError
+from runtime.registry import resolve_registry_uri
+from runtime.tiny_model import write_tiny_model
 
 TINY = "tiny"
 # Written last into a staged weights folder: readers trust only folders that have it.
@@ -41,15 +43,9 @@ def tiny_model_dir(storage_root: str, seed: int = 0) -> Path:
 def resolve_model(ref: str, storage_root: str = DEFAULT_STORAGE_ROOT) -> str:
     """A local folder (or remote URI vLLM can read) for a model reference."""
     if is_tiny(ref):
-        from runtime.tiny_model import write_tiny_model
-
         seed = tiny_seed(ref)
         return str(write_tiny_model(tiny_model_dir(storage_root, seed), seed=seed))
     if ref.startswith("models:/"):
-        from runtime.registry import (
-            resolve_registry_uri,  # MLflow loads only for a registry reference
-        )
-
         return resolve_registry_uri(ref, storage_root)
     if "://" in ref:
         return ref
@@ -87,8 +83,6 @@ def stage_model(model: str, dest: str | Path, storage_root: str = DEFAULT_STORAG
 
 def _materialise(model: str, out: Path, storage_root: str) -> None:
     if is_tiny(model):
-        from runtime.tiny_model import write_tiny_model
-
         write_tiny_model(out, seed=tiny_seed(model))
         return
     if "://" in model:

@@ -20,7 +20,10 @@ from typing import Any, Callable, Protocol
 from runtime.agents.quickstart import stage_agent
 from runtime.batch.quickstart import stage_batch
 from runtime.log import logger
+from runtime.ray_env import ray_logs_dir, ray_session
+from runtime.registry import tracking_uri
 from runtime.serving.quickstart import stage_serve
+from runtime.tiny_model import model_fingerprint, write_tiny_model
 from runtime.training.quickstart import stage_train_finetune
 
 
@@ -113,8 +116,6 @@ def key_figure(name: str, details: dict) -> str:
 
 
 def stage_tiny_model(ctx: QuickstartContext) -> dict:
-    from runtime.tiny_model import model_fingerprint, write_tiny_model
-
     ctx.model_dir = write_tiny_model(ctx.workdir / "models" / "tiny-llama", seed=0)
     return {"model": str(ctx.model_dir), "fingerprint": model_fingerprint(ctx.model_dir)}
 
@@ -144,9 +145,6 @@ def quickstart(
 ) -> QuickstartResult:
     """Run every stage; ``extra_stages`` (e.g. the CLI's KubeRay render) run after the built-in ones.
     ``on_ray(info)`` is called once Ray is up (``runtime.ray_env.RayInfo``: address, dashboard)."""
-    from runtime.ray_env import ray_logs_dir, ray_session
-    from runtime.registry import tracking_uri
-
     reporter = reporter or LineReporter()
     stages = STAGES + list(extra_stages or [])
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from runtime.errors import ClusterUnreachable, RaylaneError, UsageError
+from runtime.ray_env import check_reachable
 from runtime.specs import KINDS, dump_spec, load_spec
 
 ALWAYS_EXCLUDED = [
@@ -217,8 +218,6 @@ def auth_headers(token: str | None = None) -> dict[str, str]:
 
 def _client(url: str, token: str | None = None):
     from ray.job_submission import JobSubmissionClient
-
-    from runtime.ray_env import check_reachable
 
     check_reachable(url)
     try:

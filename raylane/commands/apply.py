@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from cluster.client import KubeRay
 from raylane.commands._common import add_json
 from raylane.output import info, json_stdout
+from runtime.specs import load_spec
 
 
 def add_kube_flags(p) -> None:
@@ -22,8 +24,6 @@ def add_kube_flags(p) -> None:
 
 
 def connect(args):
-    from cluster.client import KubeRay
-
     kr = KubeRay.connect(context=args.context, kubeconfig=args.kubeconfig)
     if getattr(args, "namespace", None):
         kr.namespace = args.namespace
@@ -45,8 +45,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.specs import load_spec
-
     spec = load_spec(args.spec)
     if args.namespace:
         spec = spec.model_copy(

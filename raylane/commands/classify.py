@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from raylane.commands._common import add_json, yes_no
 from raylane.output import json_stdout
+from runtime.classify import classify
 
 
 def register(sub) -> None:
@@ -19,8 +20,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.classify import classify
-
     d = classify(
         new_artifact=yes_no(args.new_artifact, "--new-artifact"),
         same_architecture=yes_no(args.same_architecture, "--same-architecture"),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from cluster.client import KUBERAY_KINDS
 from raylane.commands._common import add_json
 from raylane.commands.apply import add_kube_flags, connect
-from raylane.commands.status import KINDS
 from raylane.output import json_stdout
 
 
@@ -13,7 +13,7 @@ def register(sub) -> None:
         "delete", help="delete a RayJob/RayService/RayCronJob/RayCluster created by raylane"
     )
     p.add_argument("name", help="object name (the spec's name)")
-    p.add_argument("--kind", choices=KINDS, default=None, help="delete only this kind")
+    p.add_argument("--kind", choices=KUBERAY_KINDS, default=None, help="delete only this kind")
     add_kube_flags(p)
     add_json(p)
     p.set_defaults(func=_run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from raylane.commands._common import add_json
 from raylane.output import json_stdout
+from runtime.planning import plan
 
 
 def register(sub) -> None:
@@ -28,8 +29,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.planning import plan
-
     r = plan(
         args.params, args.dtype, layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
         context=args.context, batch=args.batch, kv_dtype=args.kv_dtype, gpu=args.gpu,

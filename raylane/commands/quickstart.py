@@ -10,8 +10,11 @@ import json
 import os
 from pathlib import Path
 
+from cluster.render import quickstart_stage as render_stage
 from raylane.commands._common import add_address, add_json, add_verbose
+from raylane.display import StageLines, console_for
 from raylane.output import engine_logs, json_stdout, log_file, to_jsonable
+from runtime.log import listen
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ["train", "finetune", "batch", "serve", "agent"]
@@ -29,9 +32,6 @@ def register(sub) -> None:
 def _run(args) -> int:
     from rich.markup import escape
 
-    from cluster.render import quickstart_stage as render_stage
-    from raylane.display import StageLines, console_for
-    from runtime.log import listen
     from runtime.quickstart import STAGES, key_figure, quickstart
 
     # The KubeRay stage lives in cluster/ (runtime/ never imports it), so the CLI adds it.

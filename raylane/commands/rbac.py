@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cluster.rbac import rbac_manifests
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -23,8 +25,6 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     import yaml
-
-    from cluster.rbac import rbac_manifests
 
     docs = rbac_manifests(
         args.namespace,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from raylane.commands._common import add_json
 from raylane.output import json_stdout
 from runtime.defaults import default_storage_root
+from runtime.registry import Registry
 
 
 def register(sub) -> None:
@@ -27,8 +28,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.registry import Registry
-
     with json_stdout(args.json) as emit:
         reg = Registry(args.storage_root)
         if args.verb == "list":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from cluster.monitoring import render_monitoring
+from cluster.render import render, serve_config_for, write_manifests
 from raylane.commands._common import add_json
 from raylane.output import json_stdout
+from runtime.specs import load_spec
 
 
 def register(sub) -> None:
@@ -38,9 +41,6 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     import yaml
-
-    from cluster.render import render, serve_config_for, write_manifests
-    from runtime.specs import load_spec
 
     spec = load_spec(args.spec)
     if args.monitoring:
@@ -79,8 +79,6 @@ def _run(args) -> int:
 
 def _monitoring(spec, args) -> int:
     import yaml
-
-    from cluster.monitoring import render_monitoring
 
     docs = render_monitoring(spec)
     with json_stdout(args.json) as emit:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from cluster.client import KUBERAY_KINDS
 from raylane.commands._common import add_json
 from raylane.commands.apply import add_kube_flags, connect
 from raylane.output import json_stdout
-
-KINDS = ["RayJob", "RayService", "RayCronJob", "RayCluster"]
 
 
 def register(sub) -> None:
@@ -14,7 +13,7 @@ def register(sub) -> None:
         "status", help="show a KubeRay object's state (a RayJob succeeds only on SUCCEEDED)"
     )
     p.add_argument("name", help="object name (the spec's name)")
-    p.add_argument("--kind", choices=KINDS, default=None, help="look only for this kind")
+    p.add_argument("--kind", choices=KUBERAY_KINDS, default=None, help="look only for this kind")
     add_kube_flags(p)
     add_json(p)
     p.set_defaults(func=_run)

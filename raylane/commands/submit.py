@@ -5,6 +5,7 @@ from __future__ import annotations
 from raylane.commands._common import add_json
 from raylane.commands.apply import add_kube_flags, connect
 from raylane.output import info, json_stdout
+from runtime.submit import submit
 
 
 def register(sub) -> None:
@@ -48,8 +49,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.submit import submit
-
     with json_stdout(args.json) as emit:
         address, token = args.address, None
         if args.cluster:

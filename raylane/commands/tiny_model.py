@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from raylane.commands._common import add_json
 from raylane.output import json_stdout
+from runtime.tiny_model import TinyLlamaConfig, model_fingerprint, write_tiny_model
 
 
 def register(sub) -> None:
@@ -15,8 +16,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from runtime.tiny_model import TinyLlamaConfig, model_fingerprint, write_tiny_model
-
     with json_stdout(args.json) as emit:
         path = write_tiny_model(args.dir, seed=args.seed, overwrite=True)
         result = {"path": str(path), "seed": args.seed, "fingerprint": model_fingerprint(path),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from raylane.commands._common import add_json
 from raylane.output import json_stdout
+from runtime.specs import dump_spec, load_spec
 
 
 def register(sub) -> None:
@@ -15,8 +16,6 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     import yaml
-
-    from runtime.specs import dump_spec, load_spec
 
     spec = load_spec(args.spec)
     with json_stdout(args.json) as emit:

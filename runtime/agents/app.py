@@ -22,6 +22,23 @@ import logging
 import re
 from typing import Any
 
+from runtime.agents.worker import (
+    SESSION_ID_RE,
+    SessionNotFound,
+    SessionQuotaExceeded,
+    SessionRouter,
+    owner_digest,
+)
+from runtime.serving.guard import (
+    GuardMiddleware,
+    HTTPError,
+    KeySource,
+    RateLimiter,
+    error_body,
+    load_api_keys,
+    replica_key_env,
+)
+
 INGRESS_CPUS = 0.1
 
 
@@ -36,22 +53,6 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from runtime.agents.worker import (
-        SESSION_ID_RE,
-        SessionNotFound,
-        SessionQuotaExceeded,
-        SessionRouter,
-        owner_digest,
-    )
-    from runtime.serving.guard import (
-        GuardMiddleware,
-        KeySource,
-        RateLimiter,
-        error_body,
-        load_api_keys,
-        replica_key_env,
-    )
 
     auth = spec.auth
     if auth == "api-key":
@@ -181,8 +182,6 @@ def request_validator(max_message_chars: int, tool_names: list[str]):
     >>> check = request_validator(100, ["calculator"])
     >>> check("/sessions/abc/messages", {"content": "2+2?"})
     """
-    from runtime.serving.guard import HTTPError
-
     def validate(path: str, body: Any) -> None:
         if _SESSIONS.search(path):
             body = {} if body is None else body

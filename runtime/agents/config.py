@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from runtime.agents.loop import AgentConfig
 from runtime.serving.config import build_serve_config
+from runtime.specs import OnlineInferenceSpec, dump_spec
 
 LLM_ROUTE_PREFIX = "/llm"
 GUIDED_ENGINE_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
@@ -26,8 +28,6 @@ def llm_app_name(spec) -> str:
 
 def llm_spec(spec):
     """The ``OnlineInference`` spec of the model served beside the agent (None with llm.url)."""
-    from runtime.specs import OnlineInferenceSpec
-
     if spec.llm.url:
         return None
     engine_kwargs = dict(spec.llm.engine_kwargs)
@@ -45,8 +45,6 @@ def llm_spec(spec):
 def build_agent_serve_config(spec) -> dict[str, Any]:
     """The dict ``serve deploy`` accepts: the LLM app served beside the agent (first: the agent's
     sessions call it) and the agent app, each with its spec embedded as args."""
-    from runtime.specs import dump_spec
-
     apps = []
     lspec = llm_spec(spec)
     if lspec is not None:
@@ -60,8 +58,6 @@ def build_agent_serve_config(spec) -> dict[str, Any]:
 
 def agent_app_config(spec, tools: list, index_uri: str | None) -> dict[str, Any]:
     """The plain data every session actor is built from (tools already imported and checked)."""
-    from runtime.agents.loop import AgentConfig
-
     loop = AgentConfig.from_spec(spec, tools)
     if spec.llm.url:
         llm = {"url": spec.llm.url, "model_id": spec.llm.model_id, "api_key_env": spec.llm.api_key_env}

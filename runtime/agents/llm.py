@@ -25,6 +25,14 @@ class LLMReply:
     seconds: float
     finish_reason: str | None = None
 
+    @classmethod
+    def from_completion(cls, d: dict, seconds: float) -> LLMReply:
+        """The reply in an OpenAI chat-completion response body."""
+        choice = d["choices"][0]
+        usage = d.get("usage") or {}
+        return cls(choice["message"].get("content") or "", usage.get("prompt_tokens", 0),
+                   usage.get("completion_tokens", 0), seconds, choice.get("finish_reason"))
+
 
 class LLMError(Exception):
     """The model call failed (HTTP error, timeout, engine error); recorded as a failed step."""
@@ -83,10 +91,7 @@ class OpenAIClient:
         if r.status_code != 200:
             raise LLMError(f"LLM call returned HTTP {r.status_code}: {r.text[:300]}")
         d = r.json()
-        choice = d["choices"][0]
-        usage = d.get("usage") or {}
-        return LLMReply(choice["message"].get("content") or "", usage.get("prompt_tokens", 0),
-                        usage.get("completion_tokens", 0), time.perf_counter() - t0, choice.get("finish_reason"))
+        return LLMReply.from_completion(d, time.perf_counter() - t0)
 
 
 class ServeHandleClient:
@@ -142,10 +147,7 @@ class ServeHandleClient:
         d = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
         if "choices" not in d:
             raise LLMError(f"LLM deployment error: {str(d)[:300]}")
-        choice = d["choices"][0]
-        usage = d.get("usage") or {}
-        return LLMReply(choice["message"].get("content") or "", usage.get("prompt_tokens", 0),
-                        usage.get("completion_tokens", 0), time.perf_counter() - t0, choice.get("finish_reason"))
+        return LLMReply.from_completion(d, time.perf_counter() - t0)
 
 
 def make_client(llm_cfg: dict) -> LLMClient:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from runtime.agents.runner import start_agent, stop_agent
+from runtime.log import note
+from runtime.specs import parse_spec
+
 
 def stage_agent(ctx) -> dict[str, Any]:
     import httpx
-
-    from runtime.agents.runner import start_agent, stop_agent
-    from runtime.log import note
-    from runtime.specs import parse_spec
 
     spec = parse_spec({
         "kind": "Agent", "name": "quickstart-agent", "auth": "none",

@@ -14,9 +14,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from runtime.agents.app import build_ingress
 from runtime.agents.config import agent_app_config, index_uri, llm_app_name
 from runtime.agents.retrieval import build_index, read_manifest
 from runtime.agents.tools import load_tools
+from runtime.agents.worker import NAMESPACE, SessionRouter
 from runtime.log import logger
 from runtime.ray_env import init_ray
 from runtime.serving.deploy import deploy, free_port, serve_until_interrupted
@@ -70,8 +72,6 @@ def prepare_app_config(spec) -> dict[str, Any]:
 
 def build_agent_application(spec):
     """The Serve application for an ``AgentSpec`` (what ``serve_apps.agent`` returns)."""
-    from runtime.agents.app import build_ingress
-
     init_ray()  # inside `serve run` / a Serve controller this is the already-connected cluster
     return build_ingress(spec, prepare_app_config(spec), forward_keys=True)
 
@@ -93,8 +93,6 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     if spec.llm.model:
         _log(f"deploying the LLM app {llm_app_name(spec)!r} (model {spec.llm.model}); ~30 s to load on CPU")
     apps = deploy(serve_config, host=host, port=port, timeout_s=timeout_s)
-    from runtime.agents.worker import SessionRouter
-
     router = SessionRouter(config)
     router.warm()
     url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
@@ -118,8 +116,6 @@ def stop_agent(result: AgentServeResult) -> None:
     """Delete the apps and the session actors (sessions stay in the store)."""
     import ray
     from ray import serve
-
-    from runtime.agents.worker import NAMESPACE
 
     for name in reversed(result.apps):
         serve.delete(name)

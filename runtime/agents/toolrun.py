@@ -20,12 +20,10 @@ import math
 import time
 from typing import Any
 
-from runtime.agents.tools import Tool
+from runtime.agents.tools import Tool, import_function
 
 
 def _run_tool(import_path: str, arguments: dict, bound: dict) -> tuple[Any, float]:
-    from runtime.agents.tools import import_function
-
     fn = import_function(import_path)
     t0 = time.perf_counter()
     result = fn(**arguments, **bound)
@@ -82,8 +80,6 @@ class LocalToolRunner:
     cannot be killed, only abandoned, which is why sessions on Ray use tasks instead."""
 
     def __init__(self, tools: list[Tool]):
-        from runtime.agents.tools import import_function
-
         self.tools = {t.name: t for t in tools}
         self._fns = {t.name: import_function(t.import_path) for t in tools}
         self._limits = {t.name: asyncio.Semaphore(t.max_concurrency) for t in tools}

@@ -30,6 +30,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+from runtime.agents.llm import make_client
+from runtime.agents.loop import AgentConfig, AgentLoop, new_session
+from runtime.agents.store import open_store
+from runtime.agents.telemetry import AgentMetrics, configure_exporter
+from runtime.agents.toolrun import ToolRunner
+
 NAMESPACE = "raylane-agents"
 
 
@@ -71,12 +77,6 @@ class SessionWorkerImpl:
     at a time per session)."""
 
     def __init__(self, app_config: dict):
-        from runtime.agents.llm import make_client
-        from runtime.agents.loop import AgentConfig, AgentLoop
-        from runtime.agents.store import open_store
-        from runtime.agents.telemetry import AgentMetrics, configure_exporter
-        from runtime.agents.toolrun import ToolRunner
-
         configure_exporter()
         self.app_config = app_config
         self.config: AgentConfig = app_config["loop"]
@@ -115,8 +115,6 @@ class SessionWorkerImpl:
     async def create(self, session_id: str, owner: str | None = None, allowed_tools: list[str] | None = None) -> dict:
         """A new session; raises ``SessionQuotaExceeded`` when ``owner`` already holds
         ``max_sessions_per_key`` (never applied to owner None: ``auth: none`` has no key)."""
-        from runtime.agents.loop import new_session
-
         session = new_session(session_id, self.config, owner, allowed_tools or ())
         if not self.store.create(session, self.app_config.get("max_sessions_per_key")):
             raise SessionQuotaExceeded(session_id)

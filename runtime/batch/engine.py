@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.specs.batch import BatchInferenceSpec
+from runtime.vllm_env import engine_runtime_env
 
 ID, SHARD = "__rl_id", "__rl_shard"
 # vLLM accepts only these LoRA ranks for max_lora_rank.
@@ -115,7 +116,6 @@ def build_processor(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str |
     from ray.data.llm import vLLMEngineProcessorConfig
 
     from runtime.batch.udf import use_final_outputs
-    from runtime.vllm_env import engine_runtime_env
 
     res = spec.resources
     bundle: dict[str, float] = {"CPU": res.cpus_per_worker}

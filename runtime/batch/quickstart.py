@@ -3,13 +3,14 @@ model when no adapter stage ran), then a verify of the output."""
 
 from __future__ import annotations
 
+from runtime.batch import run_batch, verify_output
+from runtime.batch.corpus import write_corpus
+from runtime.errors import RaylaneError
+from runtime.specs import parse_spec
+
 
 def stage_batch(ctx) -> dict:
     """``ctx`` is ``runtime.quickstart.QuickstartContext``; returns what the stage did."""
-    from runtime.batch import run_batch, verify_output
-    from runtime.batch.corpus import write_corpus
-    from runtime.specs import parse_spec
-
     corpus = write_corpus(ctx.workdir / "batch" / "corpus.jsonl", n=200)
     spec = parse_spec({
         "kind": "BatchInference",
@@ -27,8 +28,6 @@ def stage_batch(ctx) -> dict:
     result = run_batch(spec)
     report = verify_output(result.output)
     if not (result.ok and report.ok):
-        from runtime.errors import RaylaneError
-
         raise RaylaneError(f"batch output incomplete: {report.problems[:3]}",
                            hint=f"raylane batch verify {result.output}")
     return {"adapter": spec.adapter, "rows_in": result.rows_in, "rows_out": result.rows_out,

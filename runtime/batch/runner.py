@@ -43,6 +43,8 @@ from runtime.batch.lease import LeaseHeld, OutputLease
 from runtime.errors import BatchEngineError
 from runtime.log import logger
 from runtime.metrics import RayMetrics
+from runtime.models import resolve_model
+from runtime.ray_env import ray_session
 from runtime.specs.batch import BatchInferenceSpec
 
 
@@ -178,8 +180,6 @@ class _BatchPlan:
 def _plan(spec: BatchInferenceSpec, files: list[str] | None = None) -> _BatchPlan:
     """Read the input, cut it into deterministic shards, pin the output folder's plan (input
     and generation), and find the shards an earlier run committed intact."""
-    from runtime.models import resolve_model
-
     out, fmt = spec.output_path(), spec.output.format
     text_col = spec.input.messages_column or spec.input.prompt_column or ""
     table = sh.read_input(spec.input.path, spec.input.format, files=files)
@@ -351,8 +351,6 @@ class _Run:
 
 def _run_engine(spec, address, model_dir, adapter_dir, rows, run: _Run) -> None:
     import ray
-
-    from runtime.ray_env import ray_session
 
     with ray_session(address):
         processor = build_processor(spec, model_dir, adapter_dir)

@@ -29,6 +29,8 @@ from ray.llm._internal.serve.core.server.llm_server import _add_middleware_to_bu
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
+from runtime.errors import RaylaneError
+from runtime.models import resolve_model
 from runtime.serving import config as cfg
 from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
 from runtime.serving.guard import (
@@ -42,6 +44,7 @@ from runtime.serving.guard import (
 )
 from runtime.serving.streaming import first_then_batched
 from runtime.serving.validation import RequestLimits, request_validator, served_routes
+from runtime.specs import dump_spec, parse_spec
 
 # How often a replica re-checks where a registry-alias adapter points (promotion latency).
 ADAPTER_REFRESH_S = 5.0
@@ -120,9 +123,6 @@ def _disk_config(lora_model_id: str, path: str, llm_config) -> DiskMultiplexConf
 
 
 def _resolve_adapter(ref: str, storage_root: str, name: str) -> str:
-    from runtime.errors import RaylaneError
-    from runtime.models import resolve_model
-
     path = Path(resolve_model(ref, storage_root))
     if not (path / "adapter_config.json").is_file():
         raise RaylaneError(f"adapters.{name}: {ref!r} is not a LoRA adapter (no adapter_config.json)",
@@ -138,8 +138,6 @@ class RaylaneLLMServer(LLMServer):
     async def __init__(self, llm_config, *, spec: dict[str, Any], adapters: dict[str, str] | None = None,
                        storage_root: str = "", **kwargs):
         import asyncio
-
-        from runtime.specs import parse_spec
 
         self._spec = parse_spec(spec, source="RaylaneLLMServer spec")  # once; the guard reads typed fields
         if self._spec.auth == "api-key":
@@ -233,8 +231,6 @@ def check_tool_parser(spec, model_source: str) -> None:
     lacks (``llama3_json`` needs ``<|python_tag|>``) fails every tool request with a 500."""
     import difflib
 
-    from runtime.errors import RaylaneError
-
     if spec.tool_calling is None:
         return
     from vllm.tool_parsers import ToolParserManager
@@ -263,9 +259,6 @@ def check_tool_parser(spec, model_source: str) -> None:
 
 def build_app(spec):
     """The Serve application for ``spec`` (an ``OnlineInferenceSpec``)."""
-    from runtime.models import resolve_model
-    from runtime.specs import dump_spec
-
     if spec.auth == "api-key":
         load_api_keys()  # refuse to start before loading any model
         for warning in key_source_warnings():

@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from runtime.serving.autoscaling import autoscaling_config
+from runtime.specs import dump_spec
+from runtime.vllm_env import engine_env as env_of_engine
 
 # Engine replica health: Serve restarts a replica whose check_health fails this long.
 HEALTH_CHECK_PERIOD_S = 10.0
@@ -26,8 +28,6 @@ def build_serve_config(spec) -> dict[str, Any]:
     The application references an import path and carries the spec itself as ``args``, so the
     cluster rebuilds exactly this app from the spec; nothing local is pickled into it.
     """
-    from runtime.specs import dump_spec
-
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": spec.port},
@@ -77,8 +77,6 @@ def engine_kwargs(spec) -> dict[str, Any]:
 
 
 def engine_env(spec) -> dict[str, str]:
-    from runtime.vllm_env import engine_env as env_of_engine
-
     return env_of_engine(spec.resources.uses_gpu)
 
 

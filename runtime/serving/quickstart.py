@@ -8,14 +8,14 @@ import os
 import secrets
 import time
 
+from runtime.log import note
+from runtime.serving import start_serving
+from runtime.specs import parse_spec
+
 
 def stage_serve(ctx) -> dict:
     import httpx
     from ray import serve
-
-    from runtime.log import note
-    from runtime.serving import start_serving
-    from runtime.specs import parse_spec
 
     key = os.environ.get("RAYLANE_API_KEYS", "").split(",")[0].strip()
     if not key:

@@ -17,10 +17,6 @@ from runtime.specs.shape import Shape
 from runtime.training import run_finetune, run_training  # light: Ray Train loads when they run
 
 
-def _import_path(v: str | None) -> str | None:
-    return check_import_path(v)
-
-
 class DatasetSpec(StrictModel):
     """Training data: parquet or jsonl, local path or s3:// URI; plain text or chat messages."""
 
@@ -95,7 +91,7 @@ class OptimSpec(StrictModel):
     )
     seed: int = Field(0, description="Seed for weights init, data order and dropout.")
 
-    _check_step_fn = field_validator("step_fn")(classmethod(lambda cls, v: _import_path(v)))
+    _check_step_fn = field_validator("step_fn")(classmethod(lambda cls, v: check_import_path(v)))
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):
@@ -132,7 +128,7 @@ class EvalSpec(StrictModel):
         description="The new model must beat the champion on gate_metric by more than this (absolute) to be promoted.",
     )
 
-    _check_metric = field_validator("metric")(classmethod(lambda cls, v: _import_path(v)))
+    _check_metric = field_validator("metric")(classmethod(lambda cls, v: check_import_path(v)))
 
 
 class RegistrySpec(StrictModel):

@@ -15,6 +15,9 @@ from typing import Any
 
 from runtime.errors import RaylaneError
 from runtime.log import logger
+from runtime.ray_env import ray_session
+from runtime.registry import CHAMPION, Registry
+from runtime.training.evaluate import evaluate_model
 
 _log = logger("train")
 
@@ -51,10 +54,7 @@ def check_drift(spec, *, address: str | None = None, submit: bool = True, spec_p
     import ray
     from transformers import AutoTokenizer
 
-    from runtime.ray_env import ray_session
-    from runtime.registry import CHAMPION, Registry
     from runtime.training.data import load_documents, pack
-    from runtime.training.evaluate import evaluate_model
     from runtime.training.runner import run_train_spec
 
     if spec.kind != "FineTune" or spec.drift is None:

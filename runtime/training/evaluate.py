@@ -14,6 +14,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from runtime.imports import load_callable
+
 
 def _localize(model_dir: str) -> str:
     """transformers reads local folders; copy an s3:// (or other remote) model folder to a temp dir."""
@@ -64,9 +66,7 @@ def evaluate_model(model_dir: str, blocks, *, batch_size: int = 8, metric: str |
     loss = total / max(n, 1)
     out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if metric:
-        from runtime.training.loop import import_path
-
-        value = import_path(metric, "eval.metric")(model_dir, texts or [])
+        value = load_callable(metric, field="eval.metric")(model_dir, texts or [])
         out.update(value if isinstance(value, dict) else {metric.rpartition(":")[2]: float(value)})
     return out
 

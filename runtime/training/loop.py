@@ -15,11 +15,13 @@ import os
 import random
 import shutil
 import socket
-import sys
 import tempfile
 import time
 
 from runtime.imports import load_callable
+from runtime.log import note
+from runtime.metrics import RayMetrics
+from runtime.training.tracking import LiveCurves
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
@@ -36,10 +38,6 @@ def load_state(path: str) -> dict:
     allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, weights_only=True)
-
-
-def import_path(target: str, field: str = "train.step_fn"):
-    return load_callable(target, field=field)
 
 
 def causal_lm_loss(model, batch, step):
@@ -113,7 +111,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     blocks = ray.get(cfg["blocks_ref"]) if cfg.get("blocks_ref") is not None else cfg["blocks"]
     num_blocks = len(blocks)
     total = cfg["total_steps"]
-    step_fn = import_path(optim["step_fn"]) if optim.get("step_fn") else causal_lm_loss
+    step_fn = load_callable(optim["step_fn"], field="train.step_fn") if optim.get("step_fn") else causal_lm_loss
 
     model = build_model(cfg)
     start, losses, state = 0, [], None
@@ -143,7 +141,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         _write_json(join(run_dir, "attempts", f"{time.time():.6f}-{os.getpid()}.json"),
                     {"pid": os.getpid(), "start_step": start, "resumed_from_step": resumed_from, "time": time.time()})
         where = f"resuming from step {start}" if ckpt else "starting"
-        print(f"[raylane] {cfg['name']}: {where}; {total} steps, {world} worker(s)", file=sys.stderr, flush=True)
+        note("raylane", f"{cfg['name']}: {where}; {total} steps, {world} worker(s)")
 
     tokenizer = prepare_checkpointing(getattr(model, "module", model), cfg) if rank == 0 else None
     model.train()
@@ -208,8 +206,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             with open(os.path.join(tmp, "spec.yaml"), "w") as f:
                 f.write(cfg["spec_yaml"])
             checkpoint = Checkpoint.from_directory(tmp)
-            print(f"[raylane] {cfg['name']}: step {done}/{total} loss {metrics['loss']:.4f} "
-                  f"grad_norm {norm_v:.3g} ({metrics['steps_per_second']:.1f} steps/s)", file=sys.stderr, flush=True)
+            note("raylane", f"{cfg['name']}: step {done}/{total} loss {metrics['loss']:.4f} "
+                 f"grad_norm {norm_v:.3g} ({metrics['steps_per_second']:.1f} steps/s)")
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{done:06d}",
                          checkpoint_upload_mode=upload)
         if checkpoint is not None and upload == CheckpointUploadMode.SYNC:
@@ -229,16 +227,12 @@ class _Curves:
     adds to the window; the writes happen on LiveCurves' thread."""
 
     def __init__(self, cfg: dict, world: int):
-        from runtime.metrics import RayMetrics
-
         self.job, self.world, self.n = cfg["name"], world, cfg["optim"]["log_every_n_steps"]
         self.losses: list[float] = []
         self.ray = RayMetrics("raylane_train_steps", "raylane_train_tokens", "raylane_train_loss",
                               "raylane_train_learning_rate")
         self.mlflow = None
         if cfg.get("mlflow"):
-            from runtime.training.tracking import LiveCurves
-
             self.mlflow = LiveCurves(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["run_id"])
         self.tokens, self.t0 = 0, time.perf_counter()  # after connecting: tokens/s counts the loop only
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.log import logger
+from runtime.specs import parse_spec
+from runtime.training import run_finetune, run_training
 
 _log = logger("quickstart")
 
 
 def stage_train_finetune(ctx) -> dict:
-    from runtime.specs import parse_spec
-    from runtime.training import run_finetune, run_training
     from runtime.training.data import write_demo_data
 
     data = Path(ctx.workdir) / "data" / "train.jsonl"

@@ -20,6 +20,14 @@ from typing import Any
 from runtime import storage
 from runtime.errors import RaylaneError, TrainingDiverged
 from runtime.log import logger
+from runtime.placement import check_gang
+from runtime.ray_env import ray_session
+from runtime.registry import CHAMPION, Registry
+from runtime.specs import dump_spec
+from runtime.training.data import fingerprint, load_documents, pack, split, steps_per_epoch
+from runtime.training.evaluate import evaluate_model, gate_decision
+from runtime.training.loop import STATE_FILE, load_state, train_loop_per_worker
+from runtime.training.recipes import recipe_for
 
 
 @dataclass
@@ -65,10 +73,6 @@ def prepare(spec) -> Prepared:
     import yaml
     from transformers import AutoTokenizer
 
-    from runtime.specs import dump_spec
-    from runtime.training.data import fingerprint, load_documents, pack, split, steps_per_epoch
-    from runtime.training.recipes import recipe_for
-
     root = spec.storage.resolved()
     cfg: dict[str, Any] = {
         "name": spec.name, "optim": spec.train.model_dump(), "run_dir": storage.join(root, "runs", spec.name),
@@ -94,6 +98,172 @@ def prepare(spec) -> Prepared:
     return Prepared(cfg, train_blocks, eval_blocks, eval_docs, fingerprint(docs), recipe.base_model)
 
 
+def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult:
+    """Run (or resume) a ``Training`` or ``FineTune`` spec; returns a ``TrainResult``.
+
+    Steps: prepare (tokenizer, split, packing; no Ray) -> fit (Ray Train, resuming from the run's
+    last committed checkpoint; the final model copied out) -> evaluate (the new model and the
+    champion on the same held-out data) -> register (an MLflow model version with its lineage) ->
+    gate (promote it to champion, or leave it challenger). With the registry on, the MLflow run is
+    opened before fit and ends FAILED when any step raises.
+    """
+    t_start = time.time()
+    prep = prepare(spec)
+    run_dir = prep.cfg["run_dir"]
+    total = prep.cfg["total_steps"]
+    _log(f"{spec.kind} {spec.name}: {len(prep.train_blocks)} train / {len(prep.eval_blocks)} eval sequences, "
+         f"{total} steps, {spec.resources.num_workers} worker(s); run dir {run_dir}")
+    reg = Registry(spec.storage.resolved()) if spec.registry.enabled else None
+    run_id = None
+    if reg:
+        # Opened before training so rank 0 logs its live curves into it; the registered version links to it.
+        run_id = reg.start_run(spec.name, {"raylane.kind": spec.kind, "raylane.run": spec.name,
+                                           "raylane.run_dir": run_dir, "raylane.dataset": spec.data.path,
+                                           "raylane.dataset_fingerprint": prep.fingerprint})
+        prep.cfg["mlflow"] = {"tracking_uri": reg.uri, "run_id": run_id}
+    try:
+        with ray_session(address):
+            fitted = _fit(spec, prep, t_start)
+            champion = reg.alias(spec.registered_name(), CHAMPION) if reg else None
+            metrics, champion_metrics = _evaluate(spec, prep, fitted, champion)
+            registry = gate = None
+            if reg:
+                version, rerun = _register(spec, prep, fitted, metrics, reg, run_id)
+                registry, gate = _gate(spec, reg, version, rerun, metrics, champion_metrics, champion)
+        return _result(spec, prep, fitted, metrics, registry, gate, t_start)
+    except BaseException:
+        if run_id:
+            try:
+                reg.end_run(run_id, "FAILED")
+            except Exception:  # noqa: BLE001, S110 - the training error is the one to report
+                pass
+        raise
+
+
+@dataclass
+class _Fitted:
+    """What fit leaves for the later steps: Ray Train's result and the model copied out of it."""
+
+    result: Any  # ray.train.Result
+    attempts: list[dict]  # this run's attempts (resume points, restarts), oldest first
+    state: dict  # the final checkpoint's training state: step, losses
+    model_dir: str
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.state["losses"][-1] if self.state["losses"] else None
+
+
+def _fit(spec, prep: Prepared, t_start: float) -> _Fitted:
+    """Train on Ray Train, refuse a run the divergence guard stopped, and copy the final
+    checkpoint's model to ``<run_dir>/model-step-NNNNNN``."""
+    run_dir = prep.cfg["run_dir"]
+    result = _train(spec, prep)
+    attempts = _attempts_since(run_dir, t_start)
+    guard = _read_json(storage.join(run_dir, "guard.json"))
+    if guard and guard["time"] >= t_start:
+        last = result.checkpoint.path if result.checkpoint else None
+        raise TrainingDiverged(
+            f"{spec.name}: training stopped: {guard['problem']}; last good checkpoint: {last or 'none'}",
+            hint="lower train.learning_rate, set train.grad_clip, or add warmup_steps; rerunning resumes "
+            "from the last good checkpoint",
+        )
+    if result.checkpoint is None:
+        raise RaylaneError(f"{spec.name}: Ray Train finished without a checkpoint")
+    ckpt = result.checkpoint
+    state = _read_state(ckpt)
+    model_uri = storage.join(run_dir, f"model-step-{state['step']:06d}")
+    _copy_dir(ckpt.filesystem, storage.join(ckpt.path, "model"), model_uri)
+    return _Fitted(result, attempts, state, _local_dir(model_uri) or model_uri)
+
+
+def _evaluate(spec, prep: Prepared, fitted: _Fitted, champion) -> tuple[dict, dict | None]:
+    """Evaluate the new model, and the champion on the same held-out data, in one Ray task."""
+    import ray
+
+    _log(f"{spec.name}: evaluating step {fitted.step}" + (f" and champion v{champion.version}" if champion else ""))
+    if len(prep.eval_blocks) == 0:
+        return {}, None
+
+    def both(new_dir, old_dir, blocks, metric, texts):
+        new = evaluate_model(new_dir, blocks, metric=metric, texts=texts)
+        old = evaluate_model(old_dir, blocks, metric=metric, texts=texts) if old_dir else None
+        return new, old
+
+    task = ray.remote(both).options(num_cpus=min(1.0, spec.resources.cpus_per_worker), max_retries=1)
+    return ray.get(task.remote(fitted.model_dir, champion.source if champion else None, prep.eval_blocks,
+                               spec.eval.metric, prep.eval_texts))
+
+
+def _register(spec, prep: Prepared, fitted: _Fitted, metrics: dict, reg: Registry, run_id: str):
+    """A model version for the fitted model, linked to the MLflow run, with its lineage, params and
+    metrics. A rerun of a finished run finds the version it registered then: ``(version, True)``."""
+    name = spec.registered_name()
+    existing = reg.find_source(name, fitted.model_dir)
+    if existing:
+        reg.end_run(run_id)  # nothing trained; the version keeps linking to its own run
+        return existing, True
+    lineage = {
+        "raylane.kind": spec.kind, "raylane.run": spec.name, "raylane.run_dir": prep.cfg["run_dir"],
+        "raylane.checkpoint": fitted.result.checkpoint.path, "raylane.dataset": spec.data.path,
+        "raylane.dataset_fingerprint": prep.fingerprint, "raylane.final_step": str(fitted.step),
+        "raylane.base_model": getattr(spec, "base_model", "") or "",
+        "raylane.base_model_path": prep.base_model or "",
+    }
+    params = {**{f"train.{k}": v for k, v in spec.train.model_dump().items()},
+              "num_workers": spec.resources.num_workers}
+    params.update(prep.cfg["recipe"].params())
+    version = reg.register(name, fitted.model_dir, params=params, tags=lineage, run_id=run_id,
+                           metrics={**metrics, "train_loss": fitted.train_loss})
+    return version, False
+
+
+def _gate(spec, reg: Registry, version, rerun: bool, metrics: dict, champion_metrics: dict | None,
+          champion) -> tuple[dict, dict]:
+    """Promote ``version`` to champion when it beats the champion's gate metric by the margin, else
+    leave it challenger (a rerun's version keeps its alias, not gated again); returns the result's
+    ``registry`` and ``gate``."""
+    name = spec.registered_name()
+    if rerun:
+        alias = CHAMPION if CHAMPION in version.aliases else "challenger"
+        gate = {"promote": False, "reason": f"already registered as v{version.version} (a rerun of a "
+                "finished run); not evaluated again by the gate", "metric": spec.eval.gate_metric}
+    else:
+        decision = gate_decision(metrics, champion_metrics, spec.eval.gate_metric,
+                                 margin=spec.eval.margin, higher_is_better=spec.eval.higher_is_better)
+        if decision.promote:
+            version = reg.promote(name, version.version)
+        gate = decision.to_dict()
+        if champion:
+            gate["champion_version"] = champion.version
+        alias = CHAMPION if decision.promote else "challenger"
+    _log(f"{spec.name}: registered {name} v{version.version} as {alias}: {gate['reason']}")
+    registry = {"name": name, "version": version.version, "alias": alias, "uri": reg.uri,
+                "model_uri": f"models:/{name}/{version.version}"}
+    return registry, gate
+
+
+def _result(spec, prep: Prepared, fitted: _Fitted, metrics: dict, registry: dict | None, gate: dict | None,
+            t_start: float) -> TrainResult:
+    last = fitted.attempts[-1] if fitted.attempts else {}
+    run_metrics = fitted.result.metrics or {}
+    return TrainResult(
+        kind=spec.kind, name=spec.name, final_step=fitted.step, total_steps=prep.cfg["total_steps"],
+        resumed_from_step=last.get("resumed_from_step"),
+        restarts=max(0, len(fitted.attempts) - 1), train_loss=fitted.train_loss,
+        eval=metrics, checkpoint=fitted.result.checkpoint.path, model_dir=fitted.model_dir,
+        registry=registry, gate=gate,
+        steps_per_second=run_metrics.get("steps_per_second"),
+        checkpoint_seconds=run_metrics.get("checkpoint_seconds"),
+        seconds=round(time.time() - t_start, 2), dataset_fingerprint=prep.fingerprint,
+        loss_history=[round(x, 5) for x in fitted.state["losses"]],
+    )
+
+
 def _attempts_since(run_dir: str, t0: float) -> list[dict]:
     out = []
     for p in storage.list_files(storage.join(run_dir, "attempts"), ".json"):
@@ -109,13 +279,11 @@ def _read_json(uri: str) -> dict | None:
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
-def _fit(spec, prep: Prepared):
+def _train(spec, prep: Prepared):
+    """Ray Train's ``TorchTrainer.fit()`` on the gang; its error becomes a one-line ``RaylaneError``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from runtime.placement import check_gang
-    from runtime.training.loop import train_loop_per_worker
 
     res = spec.resources
     check_gang(res, spec.placement.strategy, spec.placement.timeout_s)
@@ -160,138 +328,10 @@ def _copy_dir(src_fs, src: str, dest_uri: str) -> None:
     pafs.copy_files(src, dpath, source_filesystem=src_fs, destination_filesystem=dfs)
 
 
-def _evaluate(spec, prep: Prepared, model_dir: str, champion_dir: str | None) -> tuple[dict, dict | None]:
-    """Evaluate the new model, and the champion on the same held-out data, in one Ray task."""
-    import ray
-
-    from runtime.training.evaluate import evaluate_model
-
-    if len(prep.eval_blocks) == 0:
-        return {}, None
-
-    def both(new_dir, old_dir, blocks, metric, texts):
-        new = evaluate_model(new_dir, blocks, metric=metric, texts=texts)
-        old = evaluate_model(old_dir, blocks, metric=metric, texts=texts) if old_dir else None
-        return new, old
-
-    task = ray.remote(both).options(num_cpus=min(1.0, spec.resources.cpus_per_worker), max_retries=1)
-    return ray.get(task.remote(model_dir, champion_dir, prep.eval_blocks, spec.eval.metric, prep.eval_texts))
-
-
 def _local_dir(uri: str) -> str | None:
     return None if storage.is_remote(uri) else storage.resolve(uri)[1]
 
 
-def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult:
-    from runtime.registry import Registry
-
-    t_start = time.time()
-    prep = prepare(spec)
-    run_dir = prep.cfg["run_dir"]
-    total = prep.cfg["total_steps"]
-    _log(f"{spec.kind} {spec.name}: {len(prep.train_blocks)} train / {len(prep.eval_blocks)} eval sequences, "
-         f"{total} steps, {spec.resources.num_workers} worker(s); run dir {run_dir}")
-    reg = Registry(spec.storage.resolved()) if spec.registry.enabled else None
-    run_id = None
-    if reg:
-        # Opened before training so rank 0 logs its live curves into it; the registered version links to it.
-        run_id = reg.start_run(spec.name, {"raylane.kind": spec.kind, "raylane.run": spec.name,
-                                           "raylane.run_dir": run_dir, "raylane.dataset": spec.data.path,
-                                           "raylane.dataset_fingerprint": prep.fingerprint})
-        prep.cfg["mlflow"] = {"tracking_uri": reg.uri, "run_id": run_id}
-    try:
-        return _train_register(spec, prep, address, t_start, reg, run_id)
-    except BaseException:
-        if run_id:
-            try:
-                reg.end_run(run_id, "FAILED")
-            except Exception:  # noqa: BLE001, S110 - the training error is the one to report
-                pass
-        raise
-
-
-def _train_register(spec, prep: Prepared, address, t_start: float, reg, run_id: str | None) -> TrainResult:
-    from runtime.ray_env import ray_session
-    from runtime.registry import CHAMPION
-    from runtime.training.evaluate import gate_decision
-
-    run_dir = prep.cfg["run_dir"]
-    guard_uri = storage.join(run_dir, "guard.json")
-    total = prep.cfg["total_steps"]
-    with ray_session(address):
-        result = _fit(spec, prep)
-        attempts = _attempts_since(run_dir, t_start)
-        guard = _read_json(guard_uri)
-        if guard and guard["time"] >= t_start:
-            last = result.checkpoint.path if result.checkpoint else None
-            raise TrainingDiverged(
-                f"{spec.name}: training stopped: {guard['problem']}; last good checkpoint: {last or 'none'}",
-                hint="lower train.learning_rate, set train.grad_clip, or add warmup_steps; rerunning resumes "
-                "from the last good checkpoint",
-            )
-        if result.checkpoint is None:
-            raise RaylaneError(f"{spec.name}: Ray Train finished without a checkpoint")
-        ckpt = result.checkpoint
-        state = _read_state(ckpt)
-        final_step = state["step"]
-        model_uri = storage.join(run_dir, f"model-step-{final_step:06d}")
-        _copy_dir(ckpt.filesystem, storage.join(ckpt.path, "model"), model_uri)
-        model_dir = _local_dir(model_uri) or model_uri
-
-        name = spec.registered_name()
-        champion = reg.alias(name, CHAMPION) if reg else None
-        _log(f"{spec.name}: evaluating step {final_step}" + (f" and champion v{champion.version}" if champion else ""))
-        new_metrics, champ_metrics = _evaluate(spec, prep, model_dir, champion.source if champion else None)
-
-        registry_info = gate = None
-        if reg:
-            lineage = {
-                "raylane.kind": spec.kind, "raylane.run": spec.name, "raylane.run_dir": run_dir,
-                "raylane.checkpoint": ckpt.path, "raylane.dataset": spec.data.path,
-                "raylane.dataset_fingerprint": prep.fingerprint, "raylane.final_step": str(final_step),
-                "raylane.base_model": getattr(spec, "base_model", "") or "",
-                "raylane.base_model_path": prep.base_model or "",
-            }
-            params = {**{f"train.{k}": v for k, v in spec.train.model_dump().items()},
-                      "num_workers": spec.resources.num_workers}
-            params.update(prep.cfg["recipe"].params())
-            metrics = {**new_metrics, "train_loss": state["losses"][-1] if state["losses"] else None}
-            existing = reg.find_source(name, model_dir)
-            if existing:
-                reg.end_run(run_id)  # nothing trained; the version keeps linking to its own run
-                version = existing
-                alias = CHAMPION if CHAMPION in existing.aliases else "challenger"
-                gate = {"promote": False, "reason": f"already registered as v{existing.version} (a rerun of a "
-                        "finished run); not evaluated again by the gate", "metric": spec.eval.gate_metric}
-            else:
-                version = reg.register(name, model_dir, params=params, metrics=metrics, tags=lineage, run_id=run_id)
-                decision = gate_decision(new_metrics, champ_metrics, spec.eval.gate_metric,
-                                         margin=spec.eval.margin, higher_is_better=spec.eval.higher_is_better)
-                if decision.promote:
-                    version = reg.promote(name, version.version)
-                gate = decision.to_dict()
-                if champion:
-                    gate["champion_version"] = champion.version
-                alias = CHAMPION if decision.promote else "challenger"
-            registry_info = {"name": name, "version": version.version, "alias": alias, "uri": reg.uri,
-                             "model_uri": f"models:/{name}/{version.version}"}
-            _log(f"{spec.name}: registered {name} v{version.version} as {alias}: {gate['reason']}")
-
-    last = attempts[-1] if attempts else {}
-    return TrainResult(
-        kind=spec.kind, name=spec.name, final_step=final_step, total_steps=total,
-        resumed_from_step=last.get("resumed_from_step"),
-        restarts=max(0, len(attempts) - 1), train_loss=state["losses"][-1] if state["losses"] else None,
-        eval=new_metrics, checkpoint=ckpt.path, model_dir=model_dir, registry=registry_info, gate=gate,
-        steps_per_second=(result.metrics or {}).get("steps_per_second"),
-        checkpoint_seconds=(result.metrics or {}).get("checkpoint_seconds"),
-        seconds=round(time.time() - t_start, 2), dataset_fingerprint=prep.fingerprint,
-        loss_history=[round(x, 5) for x in state["losses"]],
-    )
-
-
 def _read_state(ckpt) -> dict:
-    from runtime.training.loop import STATE_FILE, load_state
-
     with ckpt.as_directory() as d:
         return load_state(f"{d}/{STATE_FILE}")

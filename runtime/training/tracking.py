@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 import time
+
+from runtime.log import note
 
 _STOP = object()
 
@@ -89,4 +90,4 @@ class LiveCurves:
 
     @staticmethod
     def _warn(e) -> None:
-        print(f"[raylane] live MLflow curves off: {e}", file=sys.stderr, flush=True)
+        note("raylane", f"live MLflow curves off: {e}")
