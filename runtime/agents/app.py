@@ -29,15 +29,8 @@ from runtime.agents.worker import (
     SessionRouter,
     owner_digest,
 )
-from runtime.serving.guard import (
-    GuardMiddleware,
-    HTTPError,
-    KeySource,
-    RateLimiter,
-    error_body,
-    load_api_keys,
-    replica_key_env,
-)
+from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter, error_body
+from runtime.serving.keys import KeySource, load_api_keys, replica_key_env
 
 INGRESS_CPUS = 0.1
 

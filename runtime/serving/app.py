@@ -33,15 +33,8 @@ from runtime.errors import RaylaneError
 from runtime.models import resolve_model
 from runtime.serving import config as cfg
 from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
-from runtime.serving.guard import (
-    GuardMiddleware,
-    HTTPError,
-    KeySource,
-    RateLimiter,
-    key_source_warnings,
-    load_api_keys,
-    replica_key_env,
-)
+from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter
+from runtime.serving.keys import KeySource, key_source_warnings, load_api_keys, replica_key_env
 from runtime.serving.streaming import first_then_batched
 from runtime.serving.validation import RequestLimits, request_validator, served_routes
 from runtime.specs import dump_spec, parse_spec

@@ -17,7 +17,7 @@ from typing import Any
 from runtime.log import logger
 from runtime.ray_env import init_ray
 from runtime.serving.deploy import deploy, free_port, serve_until_interrupted
-from runtime.serving.guard import load_api_keys
+from runtime.serving.keys import load_api_keys
 
 
 @dataclass

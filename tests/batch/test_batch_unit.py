@@ -243,7 +243,14 @@ def test_processor_is_the_engine_stage_only_with_final_outputs(tmp_path):
     the stage, which would ask for a GPU)."""
     from ray.llm._internal.batch.processor.base import Processor
 
-    from runtime.batch.engine import ID, SHARD, build_processor, engine_input, engine_output, sampling_params
+    from runtime.batch.engine import (
+        ID,
+        SHARD,
+        build_processor,
+        engine_input,
+        engine_output,
+        sampling_params,
+    )
     from runtime.batch.udf import FinalOutputEngineUDF
 
     spec = _spec()

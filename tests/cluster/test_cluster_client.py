@@ -8,11 +8,11 @@ import json
 
 import pytest
 import yaml
-from tests.conftest import run_cli
 
 from cluster.render import render
 from runtime.errors import KubernetesError, ManifestInvalid
 from runtime.specs import parse_spec
+from tests.conftest import run_cli
 
 NS = "team"
 BATCH = {

@@ -427,8 +427,8 @@ def test_quickstart_stage_renders_every_example(tmp_path):
 
 
 def test_stage_weights_is_idempotent_and_atomic(tmp_path):
-    from jobs.stage_weights import stage
     from cluster.weights import MARKER
+    from jobs.stage_weights import stage
 
     src = tmp_path / "model"
     src.mkdir()

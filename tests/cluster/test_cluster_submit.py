@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import run_cli
 
+from tests.conftest import run_cli
 from tests.ray_head import VENV_BIN
 from tests.ray_head import ray_head as start_head
 

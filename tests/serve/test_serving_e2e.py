@@ -199,6 +199,8 @@ def test_replica_http_ports_bind_the_spec_host(served):
     pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
     from ray.serve._private.constants import (
         RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT as HI,
+    )
+    from ray.serve._private.constants import (
         RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT as LO,
     )
 

@@ -11,14 +11,9 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from runtime.errors import SpecError
-from runtime.serving.guard import (
-    AuthNotConfigured,
-    GuardMiddleware,
-    KeySource,
-    RateLimiter,
-    load_api_keys,
-)
+from runtime.errors import AuthNotConfigured, SpecError
+from runtime.serving.guard import GuardMiddleware, RateLimiter
+from runtime.serving.keys import KeySource, load_api_keys
 from runtime.specs import parse_spec
 
 
@@ -467,7 +462,7 @@ def test_replica_key_env_never_carries_a_key_value(tmp_path, monkeypatch):
     import os
     import stat
 
-    from runtime.serving.guard import replica_key_env
+    from runtime.serving.keys import replica_key_env
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     env = replica_key_env({"RAYLANE_API_KEYS": "sekrit-123,other-456"})
