@@ -143,6 +143,8 @@ class KeySource:
 
 
 class StaticKeys:
+    """A fixed set of keys (a caller's own list), matched by digest like ``KeySource``."""
+
     def __init__(self, keys: Iterable[str]):
         self._digests = frozenset(_digest(k) for k in keys)
 
