@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cluster.render import render
+from cluster.storage import check_storage
 from runtime.errors import KubernetesError, RaylaneError
 
 GROUP, VERSION = "ray.io", "v1"
@@ -229,6 +230,7 @@ class KubeRay:
         progress: Callable[[str], None] | None = None,
     ) -> ApplyResult:
         """Create or patch every manifest of ``spec`` (checked first); optionally wait for the result."""
+        check_storage(spec)  # a run whose files would die with its pods: SpecError, nothing sent
         docs = render(spec)  # raises ManifestInvalid before anything is sent
         ns = spec.kubernetes.namespace or self.namespace
         created, patched, unchanged, recreated = [], [], [], []

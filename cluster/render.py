@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from cluster import crds, rules
+from cluster import storage as shared_storage
 from cluster.shape import PodExtras, queue_labels, ray_cluster_spec
 from cluster.weights import (
     VOLUME,
@@ -78,9 +79,15 @@ def render(
     ns = namespace_of(spec)
     labels = base_labels(spec)
     plan = weights_plan(spec)
-    run_spec = with_local_model(spec, plan) if plan else spec
+    run_spec = shared_storage.for_cluster(with_local_model(spec, plan) if plan else spec)
     docs: list[dict[str, Any]] = []
     extras = PodExtras()
+    extras.env.extend(shared_storage.pod_env(spec))
+    if (pvc := shared_storage.pvc_manifest(spec, ns, {"app.kubernetes.io/name": "raylane"})) is not None:
+        docs.append(pvc)
+    if (vol := shared_storage.volume(spec)) is not None:
+        extras.volumes.append(vol[0])
+        extras.mounts.append(vol[1])
     if not spec.kubernetes.cluster_selector:
         docs.append(_spec_configmap(spec, run_spec, ns, labels))
         extras.volumes.append({"name": SPEC_VOLUME, "configMap": {"name": f"{spec.name}-spec"}})
@@ -176,7 +183,8 @@ def _metadata(spec, ns: str, labels: dict[str, str], *, queued: bool = True) -> 
 def _job_spec(spec, run_spec, extras: PodExtras, labels: dict[str, str]) -> dict[str, Any]:
     k = spec.kubernetes
     module = spec.shape.job_module
-    runtime_env: dict[str, Any] = {"env_vars": {"RAYLANE_STORAGE_ROOT": spec.storage.root}}
+    # The pods' environment carries the same (pod_env); an existing cluster gets it from here.
+    runtime_env: dict[str, Any] = {"env_vars": {e["name"]: e["value"] for e in shared_storage.pod_env(spec)}}
     if k.working_dir:
         runtime_env["working_dir"] = k.working_dir
     job: dict[str, Any] = {"entrypoint": f"python -m {module} --spec {SPEC_PATH}"}

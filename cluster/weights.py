@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.storage import pod_env, pod_storage_root
+from cluster.storage import volume as storage_volume
 from runtime.models import WEIGHTS_MARKER as MARKER
 from runtime.registry import existing_tracking_uri, pinned_ref
 from runtime.specs.common import pod_image
@@ -174,10 +176,13 @@ def stage_container(spec, plan: WeightsPlan) -> dict[str, Any]:
         "name": "stage-weights",
         "image": pod_image(spec),
         "imagePullPolicy": spec.kubernetes.image_pull_policy,
-        "command": stage_command(plan, spec.storage.root),
+        "command": stage_command(plan, pod_storage_root(spec)),
+        "env": pod_env(spec),  # a models:/ reference is read from the run's registry
         "volumeMounts": [{"name": VOLUME, "mountPath": plan.mount_path}],
         **_security(spec),
     }
+    if (shared := storage_volume(spec)) is not None:
+        c["volumeMounts"].append(shared[1])
     if spec.kubernetes.env_secret:  # hub tokens / object-store credentials for the download
         c["envFrom"] = [{"secretRef": {"name": spec.kubernetes.env_secret}}]
     return c
@@ -208,6 +213,8 @@ def stage_job_manifest(
         "containers": [stage_container(spec, plan)],
         "volumes": [{"name": VOLUME, "persistentVolumeClaim": {"claimName": plan.claim}}],
     }
+    if (shared := storage_volume(spec)) is not None:
+        pod["volumes"].append(shared[0])
     if spec.kubernetes.service_account:
         pod["serviceAccountName"] = spec.kubernetes.service_account
     if spec.kubernetes.pod_security_context:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cluster.client import KubeRay
+from cluster.storage import check_storage
 from raylane.commands._common import add_json
 from raylane.output import info, json_stdout
 from runtime.specs import load_spec
@@ -50,6 +51,7 @@ def _run(args) -> int:
         spec = spec.model_copy(
             update={"kubernetes": spec.kubernetes.model_copy(update={"namespace": args.namespace})}
         )
+    check_storage(spec)  # before connecting: a run whose files would die with its pods
     with json_stdout(args.json) as emit:
         r = connect(args).apply(spec, wait=args.wait, timeout_s=args.timeout, progress=info)
         if args.json:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from cluster.monitoring import render_monitoring
 from cluster.render import render, serve_config_for, write_manifests
+from cluster.storage import storage_problems
 from raylane.commands._common import add_json
-from raylane.output import json_stdout
+from raylane.output import info, json_stdout
 from runtime.specs import load_spec
 
 
@@ -45,6 +46,9 @@ def _run(args) -> int:
     spec = load_spec(args.spec)
     if args.monitoring:
         return _monitoring(spec, args)
+    if not spec.kubernetes.ephemeral_storage:
+        for problem in storage_problems(spec):  # `raylane apply` refuses these; rendering is for review
+            info(f"warning: {problem}")
     with json_stdout(args.json) as emit:
         if args.serve_config:
             text = yaml.safe_dump(serve_config_for(spec), sort_keys=False)

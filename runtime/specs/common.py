@@ -109,6 +109,20 @@ class WeightsCache(StrictModel):
     )
 
 
+class SharedStorage(StrictModel):
+    """A ReadWriteMany volume that every Ray pod mounts read-write: the run's storage root on the
+    cluster, so checkpoints, outputs, the registry and sessions outlive the pods and every node
+    sees the same files."""
+
+    claim_name: str = Field(min_length=1, description="PersistentVolumeClaim (ReadWriteMany: NFS, EFS, Filestore, CephFS).")
+    mount_path: str = Field(
+        "/mnt/raylane", pattern=r"^/", description="Where every Ray pod mounts it; the cluster's storage root "
+        "when storage.root is a local path (a local run keeps its own root).",
+    )
+    size_gb: int | None = Field(None, ge=1, description="Render the PVC with this size; None = it exists already.")
+    storage_class: str | None = Field(None, description="StorageClass of a rendered PVC; None = the cluster default.")
+
+
 # Ray images (rayproject/ray, ray-ml, ray-llm) run as user "ray": uid 1000, group users (gid 100).
 # The uid is given explicitly: with a named USER the kubelet cannot verify runAsNonRoot.
 DEFAULT_POD_SECURITY_CONTEXT = {
@@ -185,6 +199,19 @@ class KubernetesSpec(StrictModel):
         "reach <cluster>-head-svc:8265 can submit jobs and run code with every secret the pods hold. Use it "
         "only on a cluster whose network you trust (or behind a NetworkPolicy).",
     )
+    storage: SharedStorage | None = Field(
+        None, description="Shared storage for the run on the cluster. Without it (or an s3:// storage.root) the "
+        "storage root is a path inside each pod, lost with the cluster: `raylane apply` refuses that.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server of the pods (rendered as MLFLOW_TRACKING_URI; credentials "
+        "belong in env_secret as MLFLOW_TRACKING_USERNAME/PASSWORD, never in the URI). None = the embedded "
+        "SQLite registry under the storage root.",
+    )
+    ephemeral_storage: bool = Field(
+        False, description="Apply even though the run's storage is pod-local (a throwaway demo): checkpoints, "
+        "outputs, the registry and sessions are lost when the cluster goes.",
+    )
     pod_security_context: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_POD_SECURITY_CONTEXT),
         description="Kubernetes PodSecurityContext of every rendered pod (Ray pods and the staging Job). The "
@@ -196,6 +223,15 @@ class KubernetesSpec(StrictModel):
         description="Kubernetes SecurityContext of every rendered container (init containers too). The default "
         "forbids privilege escalation and drops all Linux capabilities; {} renders none.",
     )
+
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str | None) -> str | None:
+        if v and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", v, re.I):
+            raise ValueError("holds credentials (user:password@): the manifest would carry them; put "
+                             "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD in kubernetes.env_secret")
+        return v
 
 
 def pod_image(spec) -> str:

@@ -21,6 +21,7 @@ BATCH = {
     "model": "tiny",
     "input": {"path": "s3://b/in.jsonl"},
     "output": {"path": "s3://b/out"},
+    "storage": {"root": "s3://b/raylane"},  # on the cluster, not inside the pods (cluster.storage)
 }
 RAYJOB = f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"
 CM = f"/api/v1/namespaces/{NS}/configmaps"

@@ -26,6 +26,7 @@ BATCH = {
     "model": "tiny",
     "input": {"path": "s3://b/in.jsonl"},
     "output": {"path": "s3://b/out"},
+    "storage": {"root": "s3://b/raylane"},  # on the cluster, not inside the pods (cluster.storage)
 }
 CRON = {**BATCH, "name": "cron", "schedule": "0 2 * * *"}
 SERVE = {"kind": "OnlineInference", "name": "chat", "model": "tiny"}
