@@ -1,9 +1,13 @@
 """Environment for vLLM engines that raylane starts in Ray workers, and for the clusters that
-serve them (``SERVE_CLUSTER_ENV``)."""
+serve them (``SERVE_CLUSTER_ENV``); raylane's two vLLM general plugins (AMX permission, and
+engine processes that die with their host)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 
 # Ray starts worker processes at nice 15 (its `worker_niceness`), and vLLM's engine processes
 # inherit it from the actor that starts them. The engine is the one process that must not yield:
@@ -57,3 +61,49 @@ def request_amx_permission() -> None:
         import logging
 
         logging.getLogger(__name__).warning("could not request AMX permission", exc_info=True)
+
+
+# How often an engine process checks that the process that started it is still there.
+PARENT_POLL_S = 1.0
+_watched_pid: int | None = None  # the process whose watcher thread runs (none after a fork)
+_fork_hooked = False
+
+
+def die_with_parent() -> None:
+    """A vLLM general plugin (see pyproject.toml): no vLLM engine or worker process outlives the
+    process that started it.
+
+    vLLM runs its engine core and workers as multiprocessing children of the process that hosts
+    the engine (a Serve replica, a batch stage actor, an API server). When that host dies abruptly
+    (SIGKILL, the OOM killer, ``ray stop --force``) nothing tells them: they were measured running
+    as orphans for 15-20 minutes, about 2.7 GB each pair, and on a GPU node they would hold the
+    GPU's memory so the replacement replica cannot start. Each such child watches its parent and
+    kills itself (and so, in turn, its own children) within ``PARENT_POLL_S`` of losing it. vLLM
+    loads general plugins in every process it spawns; a forked child inherits the loaded flag
+    instead, so the host registers a fork hook that starts the watcher in each forked child. The
+    host itself (not a multiprocessing child) is left alone.
+    """
+    global _fork_hooked
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        _watch_parent()
+    if not _fork_hooked:
+        _fork_hooked = True
+        os.register_at_fork(after_in_child=_watch_parent)
+
+
+def _watch_parent() -> None:
+    global _watched_pid
+    me = os.getpid()
+    if _watched_pid == me:
+        return
+    _watched_pid = me
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(me, signal.SIGKILL)  # the host is gone: free the memory (and GPU) now
+
+    threading.Thread(target=watch, name="raylane-parent-watch", daemon=True).start()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+
+import pytest
 
 ARCH_GET_XCOMP_PERM = 0x1022
 XFEATURE_XTILEDATA = 18
@@ -39,3 +42,115 @@ print(torch.cpu._is_amx_tile_supported(), before, granted())
     assert after == has_amx
     if has_amx:
         assert not before  # nothing grants it by default: without the plugin vLLM's AMX kernels SIGILL
+
+
+# ---- engine processes die with their host (issue 13 item 7) ----
+
+HOST = """
+import multiprocessing as mp, sys, time
+from runtime.vllm_env import die_with_parent
+
+def spawned_child():
+    die_with_parent()  # what vLLM's plugin loading does in every process it spawns
+    time.sleep(120)
+
+def forked_child():
+    time.sleep(120)  # plugins are not loaded again after a fork: the host's fork hook watches
+
+if __name__ == "__main__":
+    method, plugin = sys.argv[1], sys.argv[2] == "on"
+    if plugin:
+        die_with_parent()  # the host loads the plugins before it starts the engine
+    ctx = mp.get_context(method)
+    p = ctx.Process(target=spawned_child if method == "spawn" else forked_child, daemon=False)
+    p.start()
+    time.sleep(1.5)  # the child's watcher is running
+    print(p.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _host_then_kill(tmp_path, method: str, plugin: str) -> int:
+    import signal
+
+    script = tmp_path / "host.py"
+    script.write_text(HOST)
+    host = subprocess.Popen([sys.executable, str(script), method, plugin], stdout=subprocess.PIPE, text=True)
+    child = int(host.stdout.readline())
+    host.send_signal(signal.SIGKILL)  # as the OOM killer or `ray stop --force` would
+    host.wait(timeout=10)
+    return child
+
+
+def test_engine_children_die_with_their_host(tmp_path):
+    import time
+
+    for method in ("spawn", "fork"):
+        child = _host_then_kill(tmp_path, method, "on")
+        deadline = time.monotonic() + 10
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(child), f"a {method}ed child outlived its SIGKILLed host"
+
+
+def test_without_the_plugin_the_child_is_orphaned(tmp_path):
+    """The control: what the test above guards against does happen without the plugin."""
+    import os
+    import signal
+    import time
+
+    child = _host_then_kill(tmp_path, "fork", "off")
+    try:
+        time.sleep(3)
+        assert not _gone(child)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+ENGINE_HOST = """
+import sys
+from vllm import LLM
+llm = LLM(model=sys.argv[1], max_model_len=256, dtype="float32", enforce_eager=True)
+print("ready", flush=True)
+import time; time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_vllm_host_leaves_no_engine_process(tmp_path, tiny_model):
+    """The real thing: a process hosting a vLLM engine is SIGKILLed; its EngineCore goes too."""
+    import signal
+    import time
+
+    import psutil
+
+    script = tmp_path / "engine_host.py"
+    script.write_text(ENGINE_HOST)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    host = subprocess.Popen([sys.executable, str(script), str(tiny_model)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert host.stdout.readline().strip() == "ready"
+        engines = psutil.Process(host.pid).children(recursive=True)
+        assert engines, "vLLM started no engine process under its host"
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not all(_gone(p.pid) for p in engines):
+            time.sleep(0.5)
+        left = [(p.pid, p.name()) for p in engines if not _gone(p.pid)]
+        assert not left, f"engine processes outlived their host: {left}"
+    finally:
+        host.kill()
+        for p in engines if "engines" in locals() else []:
+            if not _gone(p.pid):
+                p.kill()
