@@ -117,11 +117,12 @@ def test_without_the_plugin_the_child_is_orphaned(tmp_path):
 
 
 ENGINE_HOST = """
-import sys
+import sys, time
 from vllm import LLM
-llm = LLM(model=sys.argv[1], max_model_len=256, dtype="float32", enforce_eager=True)
-print("ready", flush=True)
-import time; time.sleep(600)
+if __name__ == "__main__":  # vLLM may spawn its engine processes
+    llm = LLM(model=sys.argv[1], max_model_len=256, dtype="float32", enforce_eager=True)
+    print("ready", flush=True)
+    time.sleep(600)
 """
 
 
@@ -136,10 +137,13 @@ def test_a_killed_vllm_host_leaves_no_engine_process(tmp_path, tiny_model):
     script = tmp_path / "engine_host.py"
     script.write_text(ENGINE_HOST)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    host = subprocess.Popen([sys.executable, str(script), str(tiny_model)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    log = tmp_path / "engine_host.log"
+    with log.open("w") as err:
+        host = subprocess.Popen([sys.executable, str(script), str(tiny_model)], stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=env)
     try:
-        assert host.stdout.readline().strip() == "ready"
+        lines = iter(host.stdout.readline, "")  # vLLM logs to stdout too
+        assert any(line.strip() == "ready" for line in lines), log.read_text()[-3000:]
         engines = psutil.Process(host.pid).children(recursive=True)
         assert engines, "vLLM started no engine process under its host"
         host.send_signal(signal.SIGKILL)
