@@ -36,8 +36,8 @@ ENGINE_PROCESS_TITLES = ("VLLM::EngineCore", "VLLM::Worker")
 
 
 def cpu_split() -> tuple[list[int], list[int]] | None:
-    """(engine CPUs, CPUs for everything else), as vLLM's own ``auto`` binding would pick them on
-    one NUMA node: the last allowed CPU is reserved for the non-compute processes. None on 1 CPU."""
+    """(engine CPUs, CPUs for everything else): like vLLM's own ``auto`` binding on one NUMA node
+    without SMT, the last allowed CPU is kept for the processes that do not compute. None on 1 CPU."""
     cpus = sorted(os.sched_getaffinity(0))
     return (cpus[:-1], cpus[-1:]) if len(cpus) > 1 else None
 
