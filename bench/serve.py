@@ -7,6 +7,12 @@ same machine, same run; streaming completions at fixed concurrency.
 
 Reports TTFT, TPOT and end-to-end latency percentiles (p50/p95/p99) and throughput, then a
 markdown table with raylane/bare ratios. The two servers run one after the other, never at once.
+
+Both servers are pinned alike (``--no-pin`` turns it off): vLLM's CPU worker computes on the
+engine CPUs (all allowed CPUs but the last, ``VLLM_CPU_OMP_THREADS_BIND``); once the server is
+up, vLLM's engine processes (EngineCore and the worker) are moved to those CPUs and every other
+process of this benchmark (the load generator, vLLM's API server, or Ray, Serve, HAProxy and
+the replica) to the last CPU. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -24,6 +30,80 @@ from pathlib import Path
 from runtime.serving.deploy import free_port
 
 PROMPT = "Ray Serve and vLLM serve this benchmark prompt"
+# vLLM's engine processes (setproctitle names): the CPU worker, whose OpenMP threads run the
+# model, and EngineCore, the scheduler that busy-waits on the worker's results each step.
+ENGINE_PROCESS_TITLES = ("VLLM::EngineCore", "VLLM::Worker")
+
+
+def cpu_split() -> tuple[list[int], list[int]] | None:
+    """(engine CPUs, CPUs for everything else): like vLLM's own ``auto`` binding on one NUMA node
+    without SMT, the last allowed CPU is kept for the processes that do not compute. None on 1 CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[:-1], cpus[-1:]) if len(cpus) > 1 else None
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="latin-1") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("latin-1")
+    except OSError:
+        return ""
+
+
+def pin_tree(split: tuple[list[int], list[int]], root: int | None = None) -> dict[str, int]:
+    """Pin every thread of ``root`` (default: this process) and its descendants: vLLM's engine
+    processes to the engine CPUs, the rest to the other CPUs. Returns how many processes went where."""
+    engine, other = split
+    tree, todo, counts = _children(), [root or os.getpid()], {"engine": 0, "other": 0}
+    while todo:
+        pid = todo.pop()
+        todo.extend(tree.get(pid, []))
+        where = "engine" if _cmdline(pid).startswith(ENGINE_PROCESS_TITLES) else "other"
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue  # exited meanwhile
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, engine if where == "engine" else other)
+            except OSError:  # a thread that exited meanwhile
+                pass
+        counts[where] += 1
+    return counts
+
+
+def _unpin(cpus: set[int]) -> None:
+    """Give this process's threads ``cpus`` again, so the next server starts as the first did."""
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
+def _pin(split, server: str) -> None:
+    if split is None:
+        return
+    counts = pin_tree(split)
+    print(f"[bench] {server}: {counts['engine']} engine process(es) on CPUs {split[0]}, {counts['other']} other "
+          f"process(es) on CPUs {split[1]}", file=sys.stderr, flush=True)
+    if counts["engine"] != len(ENGINE_PROCESS_TITLES):
+        raise RuntimeError(f"expected one each of {ENGINE_PROCESS_TITLES} under this benchmark, found "
+                           f"{counts['engine']} engine processes; run with --no-pin")
 
 
 @dataclass
@@ -45,7 +125,7 @@ class LoadResult:
         xs = sorted(getattr(self, name))
         if not xs:
             return float("nan")
-        return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+        return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
     def summary(self) -> dict:
         out = {"concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
@@ -130,7 +210,8 @@ def _wait_http(url: str, timeout_s: float, proc=None) -> None:
     raise TimeoutError(url)
 
 
-def bench_bare(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list[tuple[int, int]], max_tokens: int):
+def bench_bare(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list[tuple[int, int]], max_tokens: int,
+               split=None):
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1",
@@ -142,6 +223,7 @@ def bench_bare(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list
                             start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/v1/models", 600, proc)
+        _pin(split, "bare vLLM")
         url = f"http://127.0.0.1:{port}"
         return [asyncio.run(load(url, "tiny", concurrency=c, requests=n, max_tokens=max_tokens)) for c, n in runs]
     finally:
@@ -153,7 +235,7 @@ def bench_bare(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list
 
 
 def bench_raylane(model_dir: str, max_model_len: int, max_num_seqs: int, runs: list[tuple[int, int]],
-                  max_tokens: int):
+                  max_tokens: int, split=None):
     from ray import serve
 
     from runtime.ray_env import shutdown_ray
@@ -169,6 +251,7 @@ def bench_raylane(model_dir: str, max_model_len: int, max_num_seqs: int, runs: l
     })
     result = start_serving(spec, port=0)
     try:
+        _pin(split, "raylane")
         return [asyncio.run(load(result.url, "tiny", concurrency=c, requests=n, max_tokens=max_tokens,
                                  key="bench-key")) for c, n in runs]
     finally:
@@ -201,6 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    p.add_argument("--no-pin", action="store_true", help="leave CPU placement to the kernel and vLLM's auto binding")
     a = p.parse_args(argv)
     runs = [(c, a.requests or max(48, 24 * c)) for c in a.concurrency]
     if a.url:
@@ -211,11 +295,23 @@ def main(argv=None) -> int:
     from runtime.tiny_model import write_tiny_model
 
     model_dir = str(write_tiny_model(Path(os.environ.get("RAYLANE_BENCH_DIR", "/tmp/raylane-bench")) / "tiny", seed=0))
-    bare = bench_bare(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens)
-    ours = bench_raylane(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens)
+    split = None if a.no_pin else cpu_split()
+    if split is not None:
+        # Both servers' vLLM workers inherit it (Ray workers inherit this process's environment).
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, split[0]))
+    load_avg, allowed = [os.getloadavg()], os.sched_getaffinity(0)
+    bare = bench_bare(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens, split)
+    load_avg.append(os.getloadavg())
+    _unpin(allowed)
+    ours = bench_raylane(model_dir, a.max_model_len, a.max_num_seqs, runs, a.max_tokens, split)
+    load_avg.append(os.getloadavg())
     if a.json:
-        print(json.dumps({"bare": [r.summary() for r in bare], "raylane": [r.summary() for r in ours]}, indent=1))
-    print(f"\n{a.max_tokens}-token streaming completions, tiny Llama, {os.cpu_count()} cores\n")
+        print(json.dumps({"bare": [r.summary() for r in bare], "raylane": [r.summary() for r in ours],
+                          "load_avg_1m": [round(x[0], 2) for x in load_avg]}, indent=1))
+    pinning = (f"engine on CPUs {split[0]}, the rest on {split[1]}" if split else "unpinned")
+    print(f"\n{a.max_tokens}-token streaming completions, tiny Llama, {os.cpu_count()} cores ({pinning}); "
+          f"load average (1 min) at start / after bare / after raylane: "
+          f"{' / '.join(f'{x[0]:.2f}' for x in load_avg)}\n")
     print(table(bare, ours))
     return 0
 

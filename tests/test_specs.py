@@ -41,6 +41,14 @@ def test_each_shape_loads_with_common_fields(kind, tmp_path):
     assert parse_spec(dump_spec(spec)) == spec
 
 
+def test_dump_keeps_a_null_that_turns_off_a_default():
+    # Replicas re-parse the dumped spec: rate_limit: null must not come back as the default limit.
+    spec = parse_spec({"kind": "OnlineInference", "name": "chat", "model": "tiny", "rate_limit": None})
+    dumped = dump_spec(spec)
+    assert dumped["rate_limit"] is None and "slo" not in dumped  # slo defaults to null: left out
+    assert parse_spec(dumped).rate_limit is None
+
+
 def test_storage_root_defaults_to_env(monkeypatch):
     monkeypatch.setenv("RAYLANE_STORAGE_ROOT", "/data/raylane")
     assert parse_spec(GOOD["Agent"]).storage.root == "/data/raylane"

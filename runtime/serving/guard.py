@@ -15,7 +15,6 @@ import logging
 import math
 import re
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -260,8 +259,9 @@ class GuardMiddleware:
             # response; add it only where nobody upstream did, so a response never carries it twice.
             request_id, stamp = sent_id, False
         else:
-            request_id, stamp = uuid.uuid4().hex, True
-            scope = dict(scope, headers=[*((k, v) for k, v in raw_headers if k.lower() != REQUEST_ID_HEADER),
+            # 32 random hex digits, like uuid4().hex at a quarter of the cost (this runs per request).
+            request_id, stamp = os.urandom(16).hex(), True
+            scope = dict(scope, headers=[*[(k, v) for k, v in raw_headers if k.lower() != REQUEST_ID_HEADER],
                                          (REQUEST_ID_HEADER, request_id.encode())])
         err = self._check(scope, headers)
         if kind == "websocket":
@@ -340,6 +340,8 @@ class GuardMiddleware:
         state = {"started": False, "status": 200, "held": None, "chunks": [], "stamp": stamp}
 
         async def guarded_send(message):
+            if state["started"]:  # a chunk of a response under way (nothing held): the hot path
+                return await send(message)
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
                 if stamp:

@@ -99,8 +99,21 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
 
 
 def dump_spec(spec: SpecBase) -> dict[str, Any]:
-    """The spec as a plain dict (defaults filled in), ready for YAML or JSON."""
-    return spec.model_dump(mode="json", exclude_none=True)
+    """The spec as a plain dict (defaults filled in), ready for YAML or JSON. Unset optional
+    fields are left out, but a null that turns off a default (``rate_limit: null``) is kept:
+    replicas and rendered configs re-parse this dict and must get the same spec."""
+    return _keep_null_overrides(spec, spec.model_dump(mode="json", exclude_none=True))
+
+
+def _keep_null_overrides(model: BaseModel, out: dict[str, Any]) -> dict[str, Any]:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if value is None:
+            if field.is_required() or field.get_default(call_default_factory=True) is not None:
+                out[name] = None
+        elif isinstance(value, BaseModel) and isinstance(out.get(name), dict):
+            _keep_null_overrides(value, out[name])
+    return out
 
 
 def _kind_message(kind: Any) -> str:
