@@ -45,7 +45,7 @@ def fail(message: str) -> str:
 
 
 @server.tool()
-def note(text: str) -> str:
+def note(text: Annotated[str, Field(max_length=40)]) -> str:
     """Write a note (a side effect)."""
     path = os.environ.get("MCP_TEST_NOTES")
     if path:
