@@ -95,7 +95,7 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
         _log(f"deploying the LLM app {llm_app_name(spec)!r} (model {spec.llm.model}); ~30 s to load on CPU")
     apps = deploy(serve_config, host=host, port=port, timeout_s=timeout_s)
     router = SessionRouter(config)
-    warm(router)
+    warm_workers(router)
     url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
     tool_names = [t.name for t in config["tools"]] + [n for s in spec.mcp_servers for n in s.tool_names()]
     tools = ", ".join(tool_names) or "none"
@@ -108,7 +108,7 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     )
 
 
-def warm(router: SessionRouter) -> None:
+def warm_workers(router: SessionRouter) -> None:
     """Start the session actors; an MCP server that fails (a tool not offered, no connection)
     is the user's error, raised without Ray's wrapping."""
     from ray.exceptions import RayTaskError
