@@ -52,7 +52,8 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
         load_api_keys()  # refuse to build an open endpoint when keys are missing
 
     rl = spec.rate_limit
-    validator = request_validator(spec.max_message_chars, [t.name for t in app_config["tools"]])
+    tool_names = [t.name for t in app_config["tools"]] + [n for s in spec.mcp_servers for n in s.tool_names()]
+    validator = request_validator(spec.max_message_chars, tool_names)
     quota = app_config.get("max_sessions_per_key")
 
     class _Guard(GuardMiddleware):

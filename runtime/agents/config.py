@@ -69,6 +69,8 @@ def agent_app_config(spec, tools: list, index_uri: str | None) -> dict[str, Any]
         # Quota per API key; None with auth: none, where there is no key to count by.
         "max_sessions_per_key": spec.max_sessions_per_key if spec.auth == "api-key" else None,
         "tools": tools,
+        # Plain data: each session worker connects to these itself (runtime.agents.mcptools).
+        "mcp_servers": [s.model_dump() for s in spec.mcp_servers],
         "index": index_uri,
         "llm": llm,
         "store": {"backend": spec.sessions.backend, "url": spec.sessions.url, "run_dir": _local_run_dir(spec)},

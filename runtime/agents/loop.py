@@ -375,6 +375,8 @@ class AgentLoop:
         session["messages"].append({"role": "assistant", "content": json.dumps(action), "turn": session["turn"]})
         with tracer().start_as_current_span(f"agent.{tool.kind}") as tspan:
             tspan.set_attribute("tool.name", tool.name)
+            if tool.mcp_server:
+                tspan.set_attribute("tool.mcp_server", tool.mcp_server)
             out = await self.run_tool(tool.name, action["arguments"])
             tspan.set_attribute("tool.success", out["ok"])
             tspan.set_attribute("tool.attempts", out["attempts"])

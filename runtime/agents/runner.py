@@ -18,7 +18,8 @@ from runtime.agents.app import build_ingress
 from runtime.agents.config import agent_app_config, index_uri, llm_app_name
 from runtime.agents.retrieval import build_index, read_manifest
 from runtime.agents.tools import load_tools
-from runtime.agents.worker import NAMESPACE, SessionRouter
+from runtime.agents.worker import SessionRouter, close_and_kill
+from runtime.errors import RaylaneError
 from runtime.log import logger
 from runtime.ray_env import init_ray
 from runtime.serving.deploy import deploy, free_port, serve_until_interrupted
@@ -94,16 +95,31 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
         _log(f"deploying the LLM app {llm_app_name(spec)!r} (model {spec.llm.model}); ~30 s to load on CPU")
     apps = deploy(serve_config, host=host, port=port, timeout_s=timeout_s)
     router = SessionRouter(config)
-    router.warm()
+    warm_workers(router)
     url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
-    tools = ", ".join(t.name for t in config["tools"]) or "none"
+    tool_names = [t.name for t in config["tools"]] + [n for s in spec.mcp_servers for n in s.tool_names()]
+    tools = ", ".join(tool_names) or "none"
     _log(f"ready: POST {url}/sessions (auth: {spec.auth}; tools: {tools})", keep=True)
     store = spec.sessions.url or f"{config['store']['run_dir']}/sessions.db"
     return AgentServeResult(
         spec.name, url, spec.llm.url or f"serve app {llm_app_name(spec)} (model {spec.llm.model})", spec.auth,
-        [t.name for t in config["tools"]], _index_info(spec), f"{spec.sessions.backend}:{store}", info.address,
+        tool_names, _index_info(spec), f"{spec.sessions.backend}:{store}", info.address,
         round(time.perf_counter() - t0, 1), apps=apps, actors=list(router.names),
     )
+
+
+def warm_workers(router: SessionRouter) -> None:
+    """Start the session actors; an MCP server that fails (a tool not offered, no connection)
+    is the user's error, raised without Ray's wrapping."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        router.warm()
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, RaylaneError):
+            raise RaylaneError(str(cause)) from None
+        raise
 
 
 def _index_info(spec) -> dict[str, Any] | None:
@@ -114,16 +130,12 @@ def _index_info(spec) -> dict[str, Any] | None:
 
 def stop_agent(result: AgentServeResult) -> None:
     """Delete the apps and the session actors (sessions stay in the store)."""
-    import ray
     from ray import serve
 
     for name in reversed(result.apps):
         serve.delete(name)
     for name in result.actors:
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:  # never created, or already gone
-            pass
+        close_and_kill(name)
 
 
 def run_agent(spec, *, address: str | None = None, port: int | None = None, block: bool = True,

@@ -10,7 +10,8 @@ its worker process) without touching the session. The session actor submits the 
 routing every call through one shared limiter actor cost an extra actor hop (~4 ms, most of
 the per-step overhead budget), so a tool's ``max_concurrency`` is split evenly over the session
 actors (``ceil(max_concurrency / session_workers)`` each). Failures come back as data, never as
-exceptions: the orchestrator records them and shows them to the model.
+exceptions: the orchestrator records them and shows them to the model. Tools from MCP servers
+(``runtime.agents.mcptools``) are calls from this process to the server, with the same rules.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _run_tool(import_path: str, arguments: dict, bound: dict) -> tuple[Any, floa
 class ToolRunner:
     """Tool calls as Ray tasks, from inside an async session actor."""
 
-    def __init__(self, tools: list[Tool], session_workers: int = 1):
+    def __init__(self, tools: list[Tool], session_workers: int = 1, mcp=None):
         import ray
 
         self._ray = ray
@@ -41,6 +42,7 @@ class ToolRunner:
         self._limits = {t.name: asyncio.Semaphore(max(1, math.ceil(t.max_concurrency / session_workers)))
                         for t in tools}
         self._remote = ray.remote(_run_tool)
+        self.mcp = mcp  # McpTools: calls to MCP servers run in this process (runtime.agents.mcptools)
 
     async def warm(self) -> bool:
         """Start a task worker now, so the first real tool call does not pay for it."""
@@ -48,6 +50,8 @@ class ToolRunner:
         return True
 
     async def call(self, name: str, arguments: dict) -> dict[str, Any]:
+        if name not in self.tools and self.mcp is not None:
+            return await self.mcp.call(name, arguments)
         tool = self.tools[name]
         errors: list[str] = []
         t0 = time.perf_counter()
@@ -79,12 +83,15 @@ class LocalToolRunner:
     overhead benchmark. Same result shape and limits as ``ToolRunner``; a timed-out thread
     cannot be killed, only abandoned, which is why sessions on Ray use tasks instead."""
 
-    def __init__(self, tools: list[Tool]):
+    def __init__(self, tools: list[Tool], mcp=None):
         self.tools = {t.name: t for t in tools}
         self._fns = {t.name: import_function(t.import_path) for t in tools}
         self._limits = {t.name: asyncio.Semaphore(t.max_concurrency) for t in tools}
+        self.mcp = mcp
 
     async def call(self, name: str, arguments: dict) -> dict[str, Any]:
+        if name not in self.tools and self.mcp is not None:
+            return await self.mcp.call(name, arguments)
         tool, fn = self.tools[name], self._fns[name]
         errors: list[str] = []
         t0 = time.perf_counter()

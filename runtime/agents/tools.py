@@ -91,6 +91,8 @@ class Tool:
     bound: dict[str, Any] = field(default_factory=dict)  # extra keywords the model never sees
     kind: str = "tool"  # "tool" or "retrieval" (names the span)
     side_effects: bool = False  # runs only in sessions created with allow_tools naming it
+    mcp_server: str | None = None  # served by this MCP server (runtime.agents.mcptools), not imported
+    mcp_tool: str | None = None  # the server's own name for it
 
 
 def import_function(import_path: str) -> Callable[..., Any]:

@@ -28,10 +28,12 @@ import re
 import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from runtime.agents.llm import make_client
 from runtime.agents.loop import AgentConfig, AgentLoop, new_session
+from runtime.agents.mcptools import McpTools
 from runtime.agents.store import open_store
 from runtime.agents.telemetry import AgentMetrics, configure_exporter
 from runtime.agents.toolrun import ToolRunner
@@ -83,18 +85,40 @@ class SessionWorkerImpl:
         st = app_config["store"]
         self.store = open_store(st["backend"], st["url"], st["run_dir"], app_config["app"])
         self.metrics = AgentMetrics(app_config["app"])
-        self.tools = ToolRunner(app_config["tools"], session_workers=int(app_config["session_workers"]))
-        self.loop = AgentLoop(self.config, make_client(app_config["llm"]), self.tools.call, self.store, self.metrics)
+        workers = int(app_config["session_workers"])
+        self.mcp = McpTools(app_config.get("mcp_servers") or [], session_workers=workers)
+        self.tools = ToolRunner(app_config["tools"], session_workers=workers, mcp=self.mcp)
+        self.llm = make_client(app_config["llm"])
+        self.loop: AgentLoop | None = None  # built once the MCP servers' tools are known
+        self._ready = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def pid(self) -> int:
         return os.getpid()
 
+    async def _loop(self) -> AgentLoop:
+        """The loop, after connecting to the MCP servers (their tools join the config here, in the
+        worker: a failed start is retried by the next call, never cached)."""
+        if self.loop is None:
+            async with self._ready:
+                if self.loop is None:
+                    extra = await self.mcp.start()
+                    config = replace(self.config, tools=[*self.config.tools, *extra]) if extra else self.config
+                    self.loop = AgentLoop(config, self.llm, self.tools.call, self.store, self.metrics)
+        return self.loop
+
     async def warm(self) -> int:
-        """Start a tool task worker and connect to the LLM before the first session needs them."""
+        """Start a tool task worker, the MCP servers and the LLM connection before the first
+        session needs them (a missing MCP tool fails here, at the agent's start)."""
+        await self._loop()
         await self.tools.warm()
-        await self.loop.llm.warm()
+        await self.llm.warm()
         return os.getpid()
+
+    async def close(self) -> bool:
+        """End the MCP connections (stdio servers exit); ``raylane run`` calls it on exit."""
+        await self.mcp.close()
+        return True
 
     def _owned(self, session_id: str, owner: str | None) -> dict:
         session = self.store.load(session_id)
@@ -132,12 +156,14 @@ class SessionWorkerImpl:
         return {"id": session_id, "deleted": True}
 
     async def send(self, session_id: str, content: str, owner: str | None = None) -> dict:
+        loop = await self._loop()
         async with self._locks[session_id]:
-            return await self.loop.send(self._load(session_id, owner), content)
+            return await loop.send(self._load(session_id, owner), content)
 
     async def send_stream(self, session_id: str, content: str, owner: str | None = None) -> AsyncIterator[dict]:
+        loop = await self._loop()
         async with self._locks[session_id]:
-            async for event in self.loop.turn(self._load(session_id, owner), content):
+            async for event in loop.turn(self._load(session_id, owner), content):
                 yield event
 
     def stats(self) -> dict:
@@ -252,14 +278,25 @@ class SessionRouter:
 
     def kill_actors(self) -> None:
         """Remove this app's detached actors (``raylane run`` does it on exit)."""
-        import ray
-
         for name in self.names:
-            try:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-            except ValueError:
-                pass
+            close_and_kill(name)
         self._handles.clear()
+
+
+def close_and_kill(name: str, timeout_s: float = 15) -> None:
+    """Kill a session actor, closing its MCP connections first (its stdio servers would also
+    exit when it dies: their stdin closes)."""
+    import ray
+
+    try:
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:  # never created, or already gone
+        return
+    try:
+        ray.get(actor.close.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001, S110 - a dead or stuck actor is killed all the same
+        pass
+    ray.kill(actor, no_restart=True)
 
 
 def _forwarded_env() -> dict[str, str]:

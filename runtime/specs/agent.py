@@ -103,6 +103,109 @@ class ToolSpec(StrictModel):
         return check_import_path(v, example="module:function, e.g. runtime.agents.tools:calculator")
 
 
+MCP_SERVER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def mcp_tool_name(server: str, tool: str) -> str:
+    """The agent's name for an MCP server's tool: ``SERVER__TOOL``, with characters a tool name
+    cannot hold (MCP allows '.' and '/') as '_' (OpenAI-style function names: [A-Za-z0-9_-]{1,64}).
+
+    >>> mcp_tool_name("files", "read.file")
+    'files__read_file'
+    """
+    return f"{server}__{re.sub(r'[^A-Za-z0-9_-]', '_', tool)}"
+
+
+class McpServerSpec(StrictModel):
+    """An MCP tool server: its allowed tools become the agent's ``NAME__TOOL`` tools, with the
+    server's own JSON schemas guiding the model's calls."""
+
+    name: str = Field(description="Short name; the agent's tools from this server are called NAME__TOOL.")
+    transport: Literal["stdio", "http"] = Field(
+        description="stdio: each session worker starts `command` beside itself; http: a streamable HTTP endpoint (url)."
+    )
+    command: str | None = Field(None, description="stdio: the program that serves MCP on stdin/stdout (e.g. python).")
+    args: list[str] = Field(default_factory=list, description="stdio: arguments of command.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="stdio: environment of the server (not secrets; see pass_env)."
+    )
+    pass_env: list[str] = Field(
+        default_factory=list, description="stdio: names of the session worker's environment variables the server gets "
+        "too (secrets stay out of the spec).",
+    )
+    cwd: str | None = Field(None, description="stdio: working directory of the server; default: the worker's.")
+    url: str | None = Field(None, description="http: the MCP endpoint, e.g. https://tools.internal/mcp.")
+    headers_env: dict[str, str] = Field(
+        default_factory=dict, description="http: header name -> name of the environment variable (on the session "
+        "workers) holding its value, e.g. {Authorization: MCP_AUTH} with MCP_AUTH='Bearer ...'. Never literal tokens.",
+    )
+    allow_tools: list[str] = Field(
+        min_length=1, description="The server's tools the agent may call (its own names); a name the server does not "
+        "offer fails the agent's start.",
+    )
+    side_effects: list[str] | None = Field(
+        None, description="Which allowed tools change something (run only in sessions allowing them). Default: every "
+        "tool the server does not annotate readOnlyHint: true.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Seconds one call attempt may take before it is cancelled.")
+    retries: int = Field(1, ge=0, description="Extra attempts after a failure or timeout.")
+    max_concurrency: int = Field(4, ge=1, description="Calls to this server running at once across all sessions.")
+    connect_timeout_s: float = Field(30.0, gt=0, description="Seconds to start or connect to the server and list its tools.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not MCP_SERVER_NAME_RE.match(v) or "__" in v:
+            raise ValueError("must start with a letter, have at most 32 letters, digits, '_' or '-', and no '__'")
+        return v
+
+    @field_validator("pass_env")
+    @classmethod
+    def _env_names(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not ENV_NAME_RE.match(n)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(bad)}")
+        return v
+
+    @model_validator(mode="after")
+    def _transport(self):
+        problems = []
+        stdio_only = [f for f in ("command", "cwd") if getattr(self, f)] + [f for f in ("args", "env", "pass_env")
+                                                                               if getattr(self, f)]
+        if self.transport == "stdio":
+            if not self.command:
+                problems.append("transport stdio needs command (the program to start, e.g. command: python)")
+            if self.url or self.headers_env:
+                problems.append("only transport http takes url and headers_env")
+        else:
+            if not (self.url or "").startswith(("http://", "https://")):
+                problems.append("transport http needs url: http(s)://HOST/PATH (the server's MCP endpoint)")
+            if stdio_only:
+                problems.append(f"only transport stdio takes {', '.join(stdio_only)}")
+        bad_env = [f"{h}: {n}" for h, n in self.headers_env.items() if not ENV_NAME_RE.match(n)]
+        if bad_env:
+            problems.append(f"headers_env values must be environment variable names, not values ({', '.join(bad_env)})")
+        names = self.tool_names()
+        dup = sorted({t for t, n in zip(self.allow_tools, names) if names.count(n) > 1})
+        if dup:
+            problems.append(f"allow_tools repeats {', '.join(dup)} (as agent tool names)")
+        long = [n for n in names if len(n) > 64]
+        if long:
+            problems.append(f"tool names over 64 characters: {', '.join(long)} (shorten the server name)")
+        if self.side_effects is not None:
+            extra = sorted(set(self.side_effects) - set(self.allow_tools))
+            if extra:
+                problems.append(f"side_effects names tools not in allow_tools: {', '.join(extra)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def tool_names(self) -> list[str]:
+        """The agent's names for the allowed tools (what the model and allow_tools use)."""
+        return [mcp_tool_name(self.name, t) for t in self.allow_tools]
+
+
 class RetrievalSpec(StrictModel):
     """Documents the agent can search: indexed by a Ray Data job, queried by the 'retrieve' tool."""
 
@@ -175,6 +278,9 @@ class AgentSpec(SpecBase):
         "You are a helpful assistant. Use tools when they help.", description="First message of every session."
     )
     tools: list[ToolSpec] = Field(default_factory=list, description="Tools the model may call.")
+    mcp_servers: list[McpServerSpec] = Field(
+        default_factory=list, description="MCP servers whose allowed tools the model may call (as SERVER__TOOL)."
+    )
     retrieval: RetrievalSpec | None = Field(None, description="Document search exposed as the 'retrieve' tool.")
     budgets: BudgetSpec = Field(default_factory=BudgetSpec, description="Per-session limits.")
     sessions: SessionStoreSpec = Field(default_factory=SessionStoreSpec, description="Durable session store.")
@@ -202,4 +308,14 @@ class AgentSpec(SpecBase):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"tool names must be unique; repeated: {', '.join(dup)}")
+        servers = [s.name for s in self.mcp_servers]
+        dup = sorted({n for n in servers if servers.count(n) > 1})
+        if dup:
+            raise ValueError(f"mcp_servers names must be unique; repeated: {', '.join(dup)}")
+        builtin = set(names) | ({"retrieve"} if self.retrieval else set())
+        for i, server in enumerate(self.mcp_servers):
+            clash = sorted(set(server.tool_names()) & builtin)
+            if clash:
+                raise ValueError(f"mcp_servers[{i}] ({server.name}): tool name(s) {', '.join(clash)} are already "
+                                 "tools: of this agent; rename the tools: entry or the server")
         return self

@@ -152,3 +152,37 @@ def test_redis_store_persists_after_every_step(vllm_url, tmp_path, redis_url):
     seen, reply = run(go())
     assert seen == list(range(1, len(seen) + 1)) and len(seen) == 3
     assert reader.load("r1")["steps"] == reply["steps"] and reader.list_ids() == ["r1"]
+
+
+def test_session_calls_an_mcp_tool_over_stdio_with_guided_arguments(vllm_url, tmp_path, spans):
+    """The server's own schema guides the call (maxLength 24 on the text), the stdio server runs
+    beside this process, the result comes back fenced and the span names the server."""
+    import sys
+    from pathlib import Path
+
+    from runtime.agents.mcptools import McpTools
+
+    spans.clear()
+    server = {"name": "mcp", "transport": "stdio", "command": sys.executable,
+              "args": [str(Path(__file__).with_name("mcp_server.py"))], "allow_tools": ["upper"]}
+    spec = parse_spec({"kind": "Agent", "name": "t", "auth": "none", "mcp_servers": [server],
+                       "llm": {"url": vllm_url, "tool_choice": "required", "max_tool_rounds": 2}})
+    mcp = McpTools([s.model_dump() for s in spec.mcp_servers])
+    tools = run(mcp.start())
+    cfg = AgentConfig.from_spec(spec, tools)
+    store = SQLiteStore(tmp_path / "sessions.db")
+    loop = AgentLoop(cfg, OpenAIClient(vllm_url), LocalToolRunner([], mcp=mcp).call, store)
+    try:
+        reply = run(loop.send(new_session("mcp", cfg), "Shout hello."))
+    finally:
+        run(mcp.close())
+    assert [s["action"] for s in reply["steps"]] == ["tool", "tool", "answer"]
+    for step in reply["steps"][:2]:
+        call = step["tool"]
+        assert step["llm"]["guided"] and call["name"] == "mcp__upper" and call["ok"], step
+        assert len(call["arguments"]["text"]) <= 24 and call["result"] == call["arguments"]["text"].upper()
+    fenced = [m["content"] for m in loop.prompt(store.load("mcp")) if m["content"].startswith("<<<untrusted data")]
+    assert len(fenced) == 2 and fenced[0].startswith("<<<untrusted data (output of tool mcp__upper) id ")
+    tool_spans = [s for s in spans.get_finished_spans() if s.name == "agent.tool"]
+    assert len(tool_spans) == 2 and all(s.attributes["tool.mcp_server"] == "mcp" for s in tool_spans)
+    assert all(s.attributes["tool.success"] is True for s in tool_spans)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import httpx
@@ -19,6 +20,13 @@ KEY = "agent-test-key"
 KEY_B, KEY_QUOTA, KEY_RATE = "agent-key-b", "agent-key-quota", "agent-key-rate"  # own rate buckets and quotas
 CALC = {"name": "calculator", "import_path": "runtime.agents.tools:calculator"}
 SLOW = {"name": "slow_lookup", "import_path": "examples.tools:slow_lookup", "timeout_s": 1, "retries": 1}
+MCP_SERVER = os.path.join(os.path.dirname(__file__), "mcp_server.py")
+
+
+def mcp_stdio(notes: str, allow: list[str]) -> dict:
+    """The test MCP server over stdio: each session actor starts its own."""
+    return {"name": "mcp", "transport": "stdio", "command": sys.executable, "args": [MCP_SERVER],
+            "env": {"MCP_TEST_NOTES": notes}, "allow_tools": allow}
 
 
 def agent_spec(name, vllm_url, storage_root, **patch):
@@ -48,6 +56,8 @@ def agents(vllm_url, storage_root, redis_url, ray_local):
         "guarded": agent_spec("guarded", vllm_url, storage_root, tools=[{**CALC, "side_effects": True}],
                               llm={"max_tool_rounds": 1}, rate_limit={"requests_per_minute": 6, "burst": 10},
                               max_message_chars=200, max_sessions_per_key=3),
+        "mcp": agent_spec("mcp", vllm_url, storage_root, mcp_servers=[mcp_stdio(str(storage_root / "mcp-notes.txt"),
+                                                                                ["upper", "note"])]),
     }
     from runtime.serving.deploy import free_port
 
@@ -349,3 +359,42 @@ def test_side_effecting_tool_runs_only_where_the_session_allows_it(agents):
     reply = client.post(f"{url}/sessions/{allowed}/messages", json={"content": "What is 6 * 7?"}).json()
     assert reply["steps"][0]["action"] == "tool" and reply["steps"][0]["tool"]["ok"] is True
     assert reply["usage"]["tool_calls"] == 1
+
+
+@pytest.mark.timeout(900)
+def test_mcp_tools_from_a_stdio_server_beside_each_session_actor(agents, storage_root):
+    _, results, client = agents
+    url = results["mcp"].url
+    assert results["mcp"].tools == ["mcp__upper", "mcp__note"]
+    r = client.post(f"{url}/sessions", json={"allow_tools": ["mcp__note"]})  # note has no readOnlyHint
+    assert r.status_code == 200 and r.json()["allowed_tools"] == ["mcp__note"]
+    sid = r.json()["id"]
+    reply = client.post(f"{url}/sessions/{sid}/messages", json={"content": "Note that it rains."}).json()
+    calls = [s["tool"] for s in reply["steps"] if s["action"] == "tool"]
+    assert len(calls) == 2 and [s["action"] for s in reply["steps"]][-1] == "answer"
+    notes = storage_root / "mcp-notes.txt"
+    for call in calls:
+        assert call["ok"] is True and call["name"] in ("mcp__upper", "mcp__note"), call
+        text = call["arguments"]["text"]
+        assert call["result"] == (text.upper() if call["name"] == "mcp__upper" else f"noted: {text}")
+        if call["name"] == "mcp__note":  # the server the session actor started wrote it (the spec's env)
+            assert f"{text}\n" in notes.read_text()
+    stats = client.get(f"{url}/stats").json()
+    assert sum(v for k, v in stats.items() if k.startswith("tool_calls:mcp__") and k.endswith(":ok")) >= 2
+
+
+@pytest.mark.timeout(300)
+def test_an_mcp_tool_the_server_lacks_fails_the_agents_start(vllm_url, storage_root, ray_local):
+    from runtime.agents.runner import prepare_app_config, warm_workers
+    from runtime.agents.worker import SessionRouter
+    from runtime.errors import RaylaneError
+
+    spec = agent_spec("mcpbad", vllm_url, storage_root, auth="none",
+                      mcp_servers=[mcp_stdio(str(storage_root / "unused.txt"), ["upper", "format_disk"])])
+    router = SessionRouter(prepare_app_config(spec))
+    try:
+        with pytest.raises(RaylaneError) as e:
+            warm_workers(router)
+    finally:
+        router.kill_actors()
+    assert "mcp_servers[0] (mcp).allow_tools: the server does not offer format_disk; it offers: add," in str(e.value)
