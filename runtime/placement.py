@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from runtime.errors import PlacementTimeout
 
 STRATEGIES = ("PACK", "STRICT_PACK", "STRICT_SPREAD", "SPREAD")
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource on a node with that accelerator
 
 
 def gang_bundles(resources) -> list[dict[str, float]]:
@@ -28,7 +29,7 @@ def gang_bundles(resources) -> list[dict[str, float]]:
     if resources.memory_gb_per_worker:
         bundle["memory"] = float(resources.memory_gb_per_worker) * 2**30
     if resources.accelerator_type:
-        bundle[f"accelerator_type:{resources.accelerator_type}"] = 0.001
+        bundle[f"{ACCELERATOR_PREFIX}{resources.accelerator_type}"] = 0.001
     return [dict(bundle) for _ in range(resources.num_workers)]
 
 
@@ -50,7 +51,11 @@ def missing_resources(bundles: list[dict[str, float]], strategy: str, nodes: lis
             need[k] = need.get(k, 0.0) + v
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
     for k, v in need.items():
-        if have[k] + 1e-9 < v:
+        if k.startswith(ACCELERATOR_PREFIX) and not have[k]:
+            types = sorted({r[len(ACCELERATOR_PREFIX):] for n in nodes for r in n if r.startswith(ACCELERATOR_PREFIX)})
+            problems.append(f"no node has accelerator type {k[len(ACCELERATOR_PREFIX):]} (resources.accelerator_type); "
+                            f"the cluster's nodes have: {', '.join(types) or 'none'}")
+        elif have[k] + 1e-9 < v:
             problems.append(f"the gang needs {_fmt(k, v)} in total, the cluster has {_fmt(k, have[k])} "
                             f"(missing {_fmt(k, v - have[k])})")
     fits = [n for n in nodes if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundles[0].items())] if bundles else nodes

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# local_cluster / local_cluster_nodes: a multi-node Ray cluster on this machine (runtime.testing).
+pytest_plugins = ["runtime.testing_pytest"]
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -56,6 +59,14 @@ def _no_ray_left_behind():
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A multinode test starts several raylets: it is slow, so `make test-fast` (-m "not slow") skips
+    it and `make test` (CI) runs it. Forgetting the slow mark would put it in the fast tier."""
+    unmarked = [i.nodeid for i in items if i.get_closest_marker("multinode") and not i.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError(f"multinode tests must also be marked slow: {', '.join(unmarked)}")
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):

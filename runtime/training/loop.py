@@ -135,8 +135,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         random.setstate(state["rng"]["python"])
     resumed_from = start if ckpt else None
 
-    _write_json(join(run_dir, "workers", f"rank-{rank}.json"),
-                {"pid": os.getpid(), "node": socket.gethostname(), "step": start, "time": time.time()})
+    # The Ray node too: one host can run several Ray nodes (runtime.testing's clusters).
+    worker = {"pid": os.getpid(), "node": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    _write_json(join(run_dir, "workers", f"rank-{rank}.json"), {**worker, "step": start, "time": time.time()})
     if rank == 0:
         _write_json(join(run_dir, "attempts", f"{time.time():.6f}-{os.getpid()}.json"),
                     {"pid": os.getpid(), "start_step": start, "resumed_from_step": resumed_from, "time": time.time()})
@@ -214,8 +215,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         # What a checkpoint costs the training loop (save + report); the benchmark reports it.
         ckpt_seconds += time.perf_counter() - t_ckpt
-        _write_json(join(run_dir, "workers", f"rank-{rank}.json"),
-                    {"pid": os.getpid(), "node": socket.gethostname(), "step": done, "time": time.time()})
+        _write_json(join(run_dir, "workers", f"rank-{rank}.json"), {**worker, "step": done, "time": time.time()})
     if curves is not None:
         curves.close()
 

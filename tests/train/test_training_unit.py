@@ -120,6 +120,10 @@ def test_missing_resources_are_named():
     packed = missing_resources([{"CPU": 4.0}] * 2, "STRICT_PACK", [{"CPU": 4.0}, {"CPU": 4.0}])
     assert any("STRICT_PACK needs one node with 8 CPU" in m for m in packed)
     assert missing_resources([{"CPU": 1.0}] * 2, "PACK", [{"CPU": 4.0}]) == []
+    h100 = [{"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}] * 2
+    l4_node = {"CPU": 8.0, "GPU": 8.0, "accelerator_type:L4": 1.0}
+    assert missing_resources(h100, "PACK", [l4_node, {"CPU": 2.0}]) == [
+        "no node has accelerator type H100 (resources.accelerator_type); the cluster's nodes have: L4"]
 
 
 def test_gate_promotes_only_past_the_margin():
