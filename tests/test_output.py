@@ -157,7 +157,7 @@ def test_raylane_run_verbose_streams_the_engine_logs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["final_step"] == 2
     assert "(RayTrainWorker pid=" in r.stderr and "(TrainController pid=" in r.stderr
-    assert "[raylane] Training tiny-llama-pretrain:" in r.stderr  # raylane's notes, as they happen
+    assert "[train] Training tiny-llama-pretrain:" in r.stderr  # raylane's notes, as they happen
     assert "✓ Training tiny-llama-pretrain" in r.stderr and "2 steps, loss" in r.stderr
     assert "logs:" not in r.stderr and not (tmp_path / "logs").exists()
 
