@@ -18,6 +18,7 @@ from cluster.render import render
 from runtime.errors import KubernetesError
 from runtime.specs import parse_spec
 from runtime.specs.common import DEFAULT_CONTAINER_SECURITY_CONTEXT, DEFAULT_POD_SECURITY_CONTEXT
+from tests.cluster.test_cluster_render import cluster_of
 
 NS = "team"
 BATCH = {
@@ -35,16 +36,6 @@ TRAIN = {"kind": "Training", "name": "pretrain", "data": {"path": "s3://b/train.
 RAY = f"/apis/ray.io/v1/namespaces/{NS}"
 CORE = f"/api/v1/namespaces/{NS}"
 JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
-
-
-def cluster_of(m):
-    spec = m["spec"]
-    return (
-        spec.get("rayClusterSpec")
-        or spec.get("rayClusterConfig")
-        or (spec.get("jobTemplate") or {}).get("rayClusterSpec")
-        or spec
-    )
 
 
 def pod_specs(docs):
