@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.agents.retrieval import RETRIEVE_PARAMETERS
 from runtime.errors import RaylaneError
 from runtime.imports import load_callable
 
@@ -133,6 +132,10 @@ def load_tools(tool_specs: list, retrieval: Any | None = None, index_uri: str | 
         tools.append(Tool(t.name, t.import_path, desc, params, t.timeout_s, t.retries, t.max_concurrency, t.num_cpus,
                           side_effects=t.side_effects, isolation=t.isolation))
     if retrieval is not None:
+        # Imported here: retrieval needs pyarrow (~1 s), which a tool process running only the
+        # calculator should not load.
+        from runtime.agents.retrieval import RETRIEVE_PARAMETERS
+
         tools.append(Tool(
             "retrieve", "runtime.agents.retrieval:retrieve",
             "Search the document index; returns the best matching passages or 'no results'.",
