@@ -36,8 +36,10 @@ from pydantic import Field, ValidationError, model_validator
 from runtime.errors import SpecError, SpecProblem
 from runtime.specs.common import StrictModel
 
-SESSION_BASE_BYTES = 900  # an empty session document (ids, usage, errors) and its first message
-MESSAGE_BYTES = 120  # JSON around one message (role, turn, fence id, tool name)
+# Measured on bench.agent's sessions (2026-12-01): an empty session document is ~370 bytes, the
+# JSON around a message 40-110 bytes, a step record 340 (answer) to 500 (tool call) bytes.
+SESSION_BASE_BYTES = 400  # an empty session document (ids, usage, errors)
+MESSAGE_BYTES = 60  # JSON around one message (role, turn; a tool result's fence id and name)
 IN_MEMORY_FACTOR = 4  # a parsed session dict in the actor takes ~4x its JSON size
 
 
@@ -72,9 +74,12 @@ class AgentProfile(StrictModel):
     overhead_ms: float = Field(2.0, ge=0, description="Orchestration CPU per step in the session actor (bench.agent).")
     actor_concurrency: int = Field(1000, ge=1, description="Turns one session actor runs at once (its max_concurrency).")
     actor_cpu_share: float = Field(0.5, gt=0, le=1, description="Share of a core one session actor should use at most.")
-    actor_memory_mb: float = Field(250, ge=0, description="Memory of an idle session actor (process + imports).")
-    tool_process_mb: float = Field(30, ge=0, description="Memory of one tool process beside a session actor.")
-    step_record_bytes: float = Field(900, ge=0, description="JSON bytes of one step record in the session document.")
+    actor_memory_mb: float = Field(
+        180, ge=0, description="Memory of a session actor (bench.agent: ~150 MB RSS idle, ~180 MB after 500 sessions).")
+    tool_process_mb: float = Field(
+        10, ge=0, description="Memory of one tool process beside a session actor (bench.agent: ~7 MB PSS running the "
+        "calculator; more for tools that import more).")
+    step_record_bytes: float = Field(450, ge=0, description="JSON bytes of one step record in the session document.")
     bytes_per_token: float = Field(4, gt=0, description="Characters per token of message text (~4 for English).")
     retention_s: float | None = Field(
         None, gt=0, description="How long ended sessions stay in the store; unset: only the growth rate is given.")

@@ -6,6 +6,7 @@ import pytest
 
 from runtime.errors import SpecError, UsageError
 from runtime.planning import plan
+from runtime.planning_agents import MESSAGE_BYTES, SESSION_BASE_BYTES
 from tests.conftest import run_cli
 
 
@@ -112,10 +113,10 @@ def test_agent_sessions_by_littles_law_and_actor_counts():
 def test_agent_store_writes_and_growth():
     p = plan(agent={**AGENT, "retention_s": 86400, "step_record_bytes": 1000, "bytes_per_token": 4})
     assert p.store_writes_per_s == 2 * (5 + 2 * 2)
-    step = 1000 + 74 * 4 + 2 * 120  # record + history text + two messages' JSON
-    doc = 900 + 2 * 120 + 5 * step
+    step = 1000 + 74 * 4 + 2 * MESSAGE_BYTES  # record + history text + two messages' JSON
+    doc = SESSION_BASE_BYTES + 2 * MESSAGE_BYTES + 5 * step  # + the two user messages
     assert p.session_bytes == doc and p.store_growth_bytes_per_s == 2 * doc
-    assert p.store_write_bytes_per_s == pytest.approx(18 * (900 + 5 * step / 2))
+    assert p.store_write_bytes_per_s == pytest.approx(18 * (SESSION_BASE_BYTES + 5 * step / 2))
     assert p.store_size_gb == pytest.approx(2 * doc * 86400 / 1e9, abs=1e-4)
 
 
