@@ -269,6 +269,11 @@ def test_processor_is_the_engine_stage_only_with_final_outputs(tmp_path):
     assert stage.fn is FinalOutputEngineUDF
     assert not stage.map_batches_kwargs.get("num_gpus") and stage.map_batches_kwargs["num_cpus"] == 1
     assert stage.map_batches_kwargs["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "0"
+    # The engine's stall deadline: from the shard's size unless the spec sets it.
+    assert spec.engine_deadline_s() == 60 + 0.005 * spec.rows_per_shard * spec.sampling.max_tokens
+    assert stage.map_batches_kwargs["runtime_env"]["env_vars"]["RAYLANE_ENGINE_DEADLINE_S"] == \
+        str(spec.engine_deadline_s())
+    assert _spec(shard_deadline_s=30).engine_deadline_s() == 30
     rows = engine_input(spec, None, [{ID: "a", SHARD: 0, "tokenized_prompt": [1, 2]}])
     assert rows == [{Processor.DATA_COLUMN: {ID: "a", SHARD: 0, "tokenized_prompt": [1, 2],
                                              "sampling_params": sampling_params(spec)}}]
