@@ -8,7 +8,7 @@ engines and Ray cluster). Each prints a markdown table comparing raylane with th
 import subprocess
 import sys
 
-BENCHES = ["train", "batch", "serve", "guard", "agent"]
+BENCHES = ["train", "batch", "batch_scale", "serve", "guard", "agent"]
 
 
 def main(argv: list[str]) -> int:

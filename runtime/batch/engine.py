@@ -1,7 +1,8 @@
 """The engine side of a batch run: prompts to token ids, outliers to error rows, and the
 ``ray.data.llm`` vLLM processor that generates.
 
-Prompts are tokenized once, on the driver, with the model's own tokenizer: the length check that
+Prompts are tokenized once, in the CPU prepare stage (``runtime.batch.plane.Prepare``), with
+the model's own tokenizer: the length check that
 routes over-long prompts to error rows then sees exactly the tokens vLLM would, and the engine
 receives token ids, so the processor needs no tokenize stage. Its chat-template and detokenize
 stages are off too (vLLM detokenizes as it generates): on a small machine those extra Ray Data
@@ -129,7 +130,7 @@ def build_processor(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str |
         concurrency=(res.num_workers, res.num_workers),
         accelerator_type=res.accelerator_type,
         placement_group_config={"bundle_per_worker": bundle},
-        runtime_env=engine_runtime_env(res.uses_gpu),
+        runtime_env=_engine_env(spec),
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
@@ -142,6 +143,14 @@ def build_processor(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str |
     # arrive already wrapped (engine_input) and leave wrapped (engine_output), so drop both.
     processor.preprocess = processor.postprocess = None
     return processor
+
+
+def _engine_env(spec: BatchInferenceSpec) -> dict[str, Any]:
+    from runtime.batch.udf import DEADLINE_ENV
+
+    env = engine_runtime_env(spec.resources.uses_gpu)
+    env["env_vars"] = {**env.get("env_vars", {}), DEADLINE_ENV: str(spec.engine_deadline_s())}
+    return env
 
 
 def engine_input(spec: BatchInferenceSpec, adapter_dir: str | None, rows: list[dict]) -> list[dict]:

@@ -6,41 +6,36 @@
 >>> r.rows_in == r.rows_out + r.rows_error                # doctest: +SKIP
 
 0. lease: take the output folder's single-writer lease (``runtime.batch.lease``), or stop;
-1. plan: read the input, cut it into deterministic shards, pin the folder to the input (per-shard
-   digests of the ids and prompts, in order) and the generation config, refusing a rerun whose
-   input or generation changed; re-check every committed shard against its record and re-run
-   any whose file is missing, truncated or corrupt; skip the rest;
-2. run: route empty and over-long prompts straight to error rows, stream the remaining rows
-   through a ``ray.data.llm`` vLLM processor, and as soon as every row of a shard is back, commit
-   the shard (file, then commit record);
-3. manifest, then verify the whole output; ``ok`` is False on any gap or duplicate.
+1. plan: count each input file's rows in tasks and cut deterministic shards from the counts; pin
+   the folder to the input (per-shard digests of the ids and prompts, in order, computed by
+   tasks) and the generation config, refusing a rerun whose input or generation changed;
+   re-check every committed shard against its record and re-run any whose file is missing,
+   truncated or corrupt; skip the rest;
+2. run: a Ray Data pipeline (``runtime.batch.plane``): a CPU stage reads, templates, tokenizes
+   and routes outliers to error rows; the ``ray.data.llm`` vLLM engine stage generates; a writer
+   actor commits each shard (file, then commit record) when its last row arrives. The driver
+   sees commit records only;
+3. manifest, then verify the whole output (per-shard checks in tasks); ``ok`` is False on any
+   gap or duplicate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from runtime import storage
+from runtime.batch import plane as pl
 from runtime.batch import shards as sh
-from runtime.batch.engine import (
-    ID,
-    SHARD,
-    build_processor,
-    engine_input,
-    engine_output,
-    engine_row,
-    load_tokenizer,
-    prepare_prompts,
-    prompt_limit,
-    sampling_params,
-)
+from runtime.batch.engine import build_processor, prompt_limit, sampling_params
 from runtime.batch.lease import LeaseHeld, OutputLease
-from runtime.errors import BatchEngineError
+from runtime.errors import BatchEngineError, RaylaneError
 from runtime.log import logger
 from runtime.metrics import RayMetrics
 from runtime.models import resolve_model
@@ -119,13 +114,14 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, wait: boo
                 return _nothing_to_do(spec, run_id, time.perf_counter() - t0)
         lease = OutputLease(spec.output_path(), holder=run_id).acquire(wait=wait)
         leases.append(lease)
-        plan = _plan(spec, files)
-        run = _Run(spec, plan, run_id, lease)
-        if plan.pending:
-            run.generate(address)
-        lease.check()
-        manifest_uri = sh.write_manifest(plan.out, run.manifest())
-        report = sh.verify_output(plan.out)
+        with _executor(address) as ex:
+            plan = _plan(spec, ex, files)
+            run = _Run(spec, plan, run_id, lease)
+            if plan.pending:
+                run.generate(address)
+            lease.check()
+            manifest_uri = sh.write_manifest(plan.out, run.manifest())
+            report = _verify(plan.out, ex, spec.prep_cpus)
         if report.ok and files is not None:
             sh.record_ingested(spec.ledger_path(), files, plan.out, run_id)
     finally:
@@ -136,7 +132,7 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, wait: boo
         _log("INCOMPLETE: " + "; ".join(report.problems[:5]))
     return BatchResult(
         ok=report.ok, name=spec.name, output=plan.out, manifest=manifest_uri, run_id=run_id,
-        rows_in=len(plan.ids), rows_out=report.rows_out, rows_error=report.rows_error,
+        rows_in=plan.rows, rows_out=report.rows_out, rows_error=report.rows_error,
         shards_total=len(plan.ranges), shards_skipped=len(plan.committed), shards_run=len(plan.pending),
         rows_run=run.rows_run, output_tokens=run.tokens_run, seconds=round(seconds, 2),
         tokens_per_s=round(run.tokens_run / seconds, 1) if seconds else 0.0, problems=report.problems,
@@ -166,43 +162,66 @@ def _nothing_to_do(spec: BatchInferenceSpec, run_id: str, seconds: float) -> Bat
 @dataclass
 class _BatchPlan:
     out: str
-    table: Any  # the input (pyarrow Table)
+    root: str  # the input path (its filesystem)
+    in_fmt: str
     text_col: str
-    ids: list[str]
+    rows: int
     ranges: list[tuple[int, int]]
+    pieces: list[list[pl.Piece]]  # per shard: the file slices holding its rows
     committed: dict[int, sh.CommitRecord]
     pending: list[int]
     model_dir: str = ""
     adapter_dir: str | None = None
     repaired: list[str] = field(default_factory=list)
+    shard_idset: list[str] = field(default_factory=list)
 
 
-def _plan(spec: BatchInferenceSpec, files: list[str] | None = None) -> _BatchPlan:
-    """Read the input, cut it into deterministic shards, pin the output folder's plan (input
-    and generation), and find the shards an earlier run committed intact."""
-    out, fmt = spec.output_path(), spec.output.format
+# Shards per digest task: enough tasks to spread, few enough that task overhead stays small.
+DIGEST_TASKS = 64
+
+
+def _plan(spec: BatchInferenceSpec, ex, files: list[str] | None = None) -> _BatchPlan:
+    """Cut the input into deterministic shards from per-file row counts, pin the output folder's
+    plan (per-shard digests computed in tasks), and find the shards an earlier run committed
+    intact. The driver sees counts and digests, never rows."""
+    # Workers resolve these paths: a relative one would land in each worker's own folder.
+    out, fmt = _absolute(spec.output_path()), spec.output.format
+    root = _absolute(spec.input.path)
     text_col = spec.input.messages_column or spec.input.prompt_column or ""
-    table = sh.read_input(spec.input.path, spec.input.format, files=files)
-    ids = sh.check_columns(table, spec.input.id_column, text_col)
-    ranges = sh.shard_ranges(len(ids), spec.rows_per_shard)
-    _, in_fmt = sh.input_files(spec.input.path, spec.input.format)
-    texts = table.column(text_col).to_pylist()
-    # Per shard, from the shard's rows only: a Ray Data worker holding one shard computes the same.
-    digests = [sh.shard_digests(ids[lo:hi], texts[lo:hi]) for lo, hi in ranges]
+    chosen, in_fmt = sh.selected_files(root, spec.input.format, files)
+    counts = ex.map(pl.count_rows, [(root, in_fmt, f) for f in chosen], num_cpus=spec.prep_cpus)
+    ranges, pieces = pl.shard_pieces(chosen, counts, spec.rows_per_shard)
+    if not ranges:
+        raise RaylaneError(f"input {root!r} has no rows")
+    per_task = max(1, -(-len(pieces) // DIGEST_TASKS))
+    digests, idcheck = ex.digest(pl.digest_calls(root, in_fmt, pieces, spec.input.id_column, text_col, per_task),
+                                 num_cpus=spec.prep_cpus)
+    bad = next((d for d in digests if "error" in d), None)
+    if bad:
+        raise RaylaneError(bad["error"], hint=bad["hint"])
+    if idcheck["duplicates"]:
+        raise RaylaneError(
+            f"input ids are not unique: {idcheck['duplicates']} duplicated, e.g. {idcheck['sample']}",
+            hint=f"the completeness proof is keyed on {spec.input.id_column!r}; deduplicate the input or pick "
+            "another id column",
+        )
+    rows = sum(counts)
     model_dir = resolve_model(spec.model, spec.storage.root)
     adapter_dir = resolve_model(spec.adapter, spec.storage.root) if spec.adapter else None
     generation = generation_config(spec, model_dir, adapter_dir)
     sh.ensure_plan(out, sh.ShardPlan(
-        input=spec.input.path, rows=len(ids), rows_per_shard=spec.rows_per_shard, shards=len(ranges),
-        ids_sha256=sh.ids_digest(ids), output_format=fmt, id_column=spec.input.id_column, input_format=in_fmt,
-        shard_ids_sha256=[d[0] for d in digests], shard_prompts_sha256=[d[1] for d in digests],
+        input=root, rows=rows, rows_per_shard=spec.rows_per_shard, shards=len(ranges),
+        ids_sha256=idcheck["ids_sha256"], output_format=fmt, id_column=spec.input.id_column, input_format=in_fmt,
+        shard_ids_sha256=[d["ids"] for d in digests], shard_prompts_sha256=[d["prompts"] for d in digests],
+        shard_idset_sha256=[d["idset"] for d in digests],
         generation=generation, generation_sha256=sh.generation_digest(generation), input_files=files,
     ))
     repaired: list[str] = []
     committed = sh.read_commits(out, repaired, shards=len(ranges))
-    for i, rec in sorted(committed.items()):
-        # A rerun trusts no record blindly: a shard whose file is gone or changed runs again.
-        problem, _ = sh.shard_file_problem(out, rec)
+    # A rerun trusts no record blindly: a shard whose file is gone or changed runs again.
+    recs = sorted(committed.items())
+    problems = ex.map(pl.check_committed, [(out, rec) for _, rec in recs], num_cpus=spec.prep_cpus)
+    for (i, _), problem in zip(recs, problems):
         if problem:
             repaired.append(problem)
             sh.uncommit(out, i)
@@ -210,8 +229,15 @@ def _plan(spec: BatchInferenceSpec, files: list[str] | None = None) -> _BatchPla
     for r in repaired:
         _log(f"repair: {r}; the shard runs again")
     pending = [i for i in range(len(ranges)) if i not in committed]
-    _log(f"{len(ids)} rows in {len(ranges)} shards; {len(committed)} already committed, {len(pending)} to run")
-    return _BatchPlan(out, table, text_col, ids, ranges, committed, pending, model_dir, adapter_dir, repaired)
+    _log(f"{rows} rows in {len(ranges)} shards; {len(committed)} already committed, {len(pending)} to run")
+    return _BatchPlan(out, root, in_fmt, text_col, rows, ranges, pieces, committed, pending, model_dir, adapter_dir,
+                      repaired, [d["idset"] for d in digests])
+
+
+def _absolute(uri: str) -> str:
+    if storage.is_remote(uri):
+        return uri
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
 # vLLM engine arguments that change speed or memory, never the generated text: changing them
@@ -272,31 +298,33 @@ def model_version(path: str | None) -> dict[str, Any]:
 
 
 class _Run:
-    """One run over the pending shards: rows gather per shard; a complete shard commits at once."""
+    """One run over the pending shards, as the driver sees it: commit records, counts, progress.
+    Rows live in the workers (``runtime.batch.plane``); the writer reports each shard it commits."""
 
     def __init__(self, spec: BatchInferenceSpec, plan: _BatchPlan, run_id: str, lease: OutputLease | None = None):
         self.spec, self.plan, self.run_id, self.lease = spec, plan, run_id, lease
         self.records: dict[int, sh.CommitRecord] = dict(plan.committed)
-        self.buffers: dict[int, dict[str, dict]] = {i: {} for i in plan.pending}
-        self.expected = {i: plan.ranges[i][1] - plan.ranges[i][0] for i in plan.pending}
         self.tokens_run = self.rows_run = 0
-        self.progress = _Progress(len(plan.ids), sum(r.rows for r in plan.committed.values()))
+        self.progress = _Progress(plan.rows, sum(r.rows for r in plan.committed.values()))
         # Counted per committed shard (rows that are durably done), so rate() is the real throughput.
         self.meter = RayMetrics("raylane_batch_rows", "raylane_batch_output_tokens")
 
+    def writer_args(self) -> tuple:
+        """``ShardWriter``'s arguments: the pending shards' row counts and this run's lease."""
+        expected = {i: self.plan.ranges[i][1] - self.plan.ranges[i][0] for i in self.plan.pending}
+        lease = self.lease
+        return (self.plan.out, self.spec.output.format, self.run_id, expected,
+                _absolute(lease.uri) if lease else None, lease.token if lease else None)
+
     def generate(self, address: str | None) -> None:
-        """Route outliers to error rows, stream the rest through the engine, commit as shards fill."""
-        spec = self.spec
-        model_dir, adapter_dir = self.plan.model_dir, self.plan.adapter_dir
-        engine_rows = self._route(load_tokenizer(model_dir))
-        for i in list(self.plan.pending):
-            self.maybe_commit(i)  # shards made only of error rows
-        if not engine_rows:
-            return
+        """Prepare, generate and commit the pending shards (in Ray workers)."""
         try:
-            _run_engine(spec, address, model_dir, adapter_dir, engine_rows, self)
+            _run_engine(self.spec, address, self.plan, self)
         except LeaseHeld:
             raise  # the folder is another run's now: write nothing more, not even the manifest
+        except BatchEngineError:
+            sh.write_manifest(self.plan.out, self.manifest())
+            raise
         except Exception as e:
             # Committed shards stay committed; record where the run stopped, then explain.
             sh.write_manifest(self.plan.out, self.manifest())
@@ -308,58 +336,128 @@ class _Run:
                 "shards are skipped; --debug shows the traceback",
             ) from e
 
-    def _route(self, tokenizer) -> list[dict]:
-        """Empty, malformed and over-long prompts become error rows; the rest become engine rows."""
-        plan, rows = self.plan, []
-        texts = plan.table.column(plan.text_col).to_pylist()
-        for i in plan.pending:
-            lo, hi = plan.ranges[i]
-            for row_id, prompt in zip(plan.ids[lo:hi], prepare_prompts(self.spec, texts[lo:hi], tokenizer)):
-                if isinstance(prompt, str):
-                    self.buffers[i][row_id] = {"id": row_id, "output": None, "error": prompt,
-                                               "num_input_tokens": 0, "num_output_tokens": 0}
-                else:
-                    rows.append({ID: row_id, SHARD: i, "tokenized_prompt": prompt})
-        return rows
-
-    def add(self, row) -> None:
-        """One engine output row; a retried task (a killed worker) can return a row again: the first copy wins."""
-        i = int(row[SHARD])
-        buf = self.buffers.get(i)
-        if i in self.records or buf is None or str(row[ID]) in buf:
+    def on_commit(self, rec: sh.CommitRecord) -> None:
+        """The writer committed shard ``rec.shard``."""
+        if rec.shard in self.records and rec.shard not in self.plan.pending:
             return
-        buf[str(row[ID])] = engine_row(row)
-        self.maybe_commit(i)
-
-    def maybe_commit(self, i: int) -> None:
-        if i in self.records or len(self.buffers[i]) < self.expected[i]:
-            return
-        if self.lease is not None:
-            self.lease.check()  # another run took the folder over: commit nothing more
-        rec = sh.commit_shard(self.plan.out, self.spec.output.format, i, list(self.buffers.pop(i).values()),
-                              self.run_id)
-        self.records[i] = rec
+        self.records[rec.shard] = rec
         self.tokens_run += rec.output_tokens
         self.rows_run += rec.rows
         self.progress.add(rec.rows, rec.output_tokens, force=len(self.records) == len(self.plan.ranges))
         self.meter.inc("raylane_batch_rows", rec.rows, job=self.spec.name)
         self.meter.inc("raylane_batch_output_tokens", rec.output_tokens, job=self.spec.name)
 
+    def failed(self, why: str) -> BatchEngineError:
+        return BatchEngineError(
+            f"{why}; {len(self.records)}/{len(self.plan.ranges)} shards were committed",
+            hint="rerun the same spec: committed shards are skipped and the rest run again; if it happens "
+            "again, look at the engine's log (a stalled or crashing engine) or raise shard_deadline_s",
+        )
+
     def manifest(self) -> dict:
         return _manifest(self.spec, self.run_id, self.plan.ranges, self.records, self.plan.committed)
 
 
-def _run_engine(spec, address, model_dir, adapter_dir, rows, run: _Run) -> None:
+@contextlib.contextmanager
+def _executor(address: str | None) -> Iterator[pl.RayExecutor]:
+    """Where the plan's and the verify's tasks run: the Ray cluster of this run."""
+    with ray_session(address):
+        yield pl.RayExecutor()
+
+
+# With no shard committed for this long (engine start-up included), the run stops with an error
+# instead of waiting on: a backstop behind the engine's own deadline (runtime.batch.udf).
+STARTUP_ALLOWANCE_S = 900.0
+
+
+def _run_engine(spec: BatchInferenceSpec, address: str | None, plan: _BatchPlan, run: _Run) -> None:
+    """The Ray Data pipeline: shards -> Prepare (CPU) -> vLLM engine stage -> Forward -> writer."""
     import ray
 
-    with ray_session(address):
-        processor = build_processor(spec, model_dir, adapter_dir)
-        # Blocks of about one engine batch keep shards flowing back in order, so they commit early.
-        blocks = max(1, len(rows) // spec.batch_size)
-        ds = processor(ray.data.from_items(engine_input(spec, adapter_dir, rows), override_num_blocks=blocks))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in engine_output(batch):
-                run.add(row)
+    writer = ray.remote(pl.ShardWriter).options(num_cpus=0, max_restarts=0).remote(*run.writer_args())
+    try:
+        items = [{"shard": i, "pieces": pl.pieces_json(plan.pieces[i])} for i in plan.pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            pl.Prepare, batch_size=1, concurrency=(1, spec.prep_workers), num_cpus=spec.prep_cpus,
+            fn_constructor_kwargs=dict(spec=spec, model_dir=plan.model_dir, adapter_dir=plan.adapter_dir,
+                                       root=plan.root, fmt=plan.in_fmt, text_col=plan.text_col, writer=writer),
+        )
+        ds = build_processor(spec, plan.model_dir, plan.adapter_dir)(ds)
+        ds = ds.map_batches(pl.Forward, batch_size=None, batch_format="pyarrow", concurrency=1, num_cpus=0.25,
+                            fn_constructor_kwargs={"writer": writer})
+        _drive(spec, ds, writer, run)
+    finally:
+        ray.kill(writer)
+
+
+def _drive(spec: BatchInferenceSpec, ds, writer, run: _Run) -> None:
+    """Run the pipeline to its end while the driver collects commit records (never rows)."""
+    import threading
+
+    import ray
+
+    done, failure = threading.Event(), []
+
+    def consume():
+        try:
+            for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                pass  # one tiny row count per engine batch
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=consume, name="raylane-batch-stream", daemon=True).start()
+    backstop = max(STARTUP_ALLOWANCE_S, 3 * spec.engine_deadline_s())
+    last = time.monotonic()
+    while True:
+        finished = done.wait(1.0)
+        records, lost = ray.get(writer.drain.remote())
+        for rec in records:
+            run.on_commit(rec)
+            last = time.monotonic()
+        if lost:
+            raise LeaseHeld(f"lost the lease on {run.plan.out!r}: {lost}",
+                            hint="this run stopped committing; the other run finishes the folder (or rerun later)")
+        if run.lease is not None:
+            run.lease.check()
+        if finished:
+            break
+        if time.monotonic() - last > backstop:
+            raise run.failed(f"no shard committed for {backstop:.0f}s (the engine stage made no progress)")
+    if failure:
+        raise failure[0]
+    missing = {i: n for i, n in ray.get(writer.pending.remote()).items() if n}
+    if missing:
+        some = ", ".join(f"shard {i} ({n} rows)" for i, n in sorted(missing.items())[:3])
+        raise run.failed(f"the engine stage ended with {len(missing)} shards incomplete: {some}")
+
+
+def _verify(out: str, ex, num_cpus: float) -> sh.VerifyReport:
+    """``verify_output`` with the per-shard checks in tasks, and the ids checked against the
+    plan's per-shard id sets (which this run computed from the input) instead of re-reading
+    the input in the driver. A plan without per-shard id sets gets the driver-side verify."""
+    plan = sh.read_plan(out)
+    if plan is None or len(plan.shard_idset_sha256) != plan.shards:
+        return sh.verify_output(out)
+    problems: list[str] = []
+    commits = sh.read_commits(out, problems, shards=plan.shards)
+    problems += [f"{sh.shard_name(i)}: not committed (missing shard)" for i in range(plan.shards) if i not in commits]
+    recs = sorted(commits.items())
+    checks = ex.map(pl.verify_shard, [(out, plan.output_format, rec, plan.shard_idset_sha256[i]) for i, rec in recs],
+                    num_cpus=num_cpus)
+    rows_out = sum(c["rows_out"] for c in checks)
+    rows_error = sum(c["rows_error"] for c in checks)
+    for c in checks:
+        problems += c["problems"]
+    if not problems and rows_out + rows_error != plan.rows:
+        problems.append(f"{rows_out + rows_error} rows in the outputs, the input has {plan.rows}")
+    if len(problems) > 50:
+        problems = problems[:50] + [f"... and {len(problems) - 50} more"]
+    return sh.VerifyReport(output=out, ok=not problems, rows_in=plan.rows, rows_out=rows_out, rows_error=rows_error,
+                           shards_total=plan.shards, shards_committed=len(commits), problems=problems,
+                           checked_against_input=True)
 
 
 def _manifest(spec, run_id, ranges, records, committed_before) -> dict:

@@ -79,38 +79,44 @@ def input_files(path: str, fmt: str | None) -> tuple[list[str], str]:
     return files, fmt
 
 
-def read_input(path: str, fmt: str | None = None, files: list[str] | None = None) -> pa.Table:
-    """The whole corpus (or only ``files`` of it) as one Arrow table, rows in a fixed order."""
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
+def selected_files(path: str, fmt: str | None, files: list[str] | None) -> tuple[list[str], str]:
+    """``input_files``, or only ``files`` of them (an incremental run's), in the same order."""
     all_files, fmt = input_files(path, fmt)
     if files is not None:
         missing = sorted(set(files) - set(all_files))
         if missing:
             raise RaylaneError(f"input {path!r} no longer has {missing[0]}", hint="restore the file")
         all_files = [f for f in all_files if f in set(files)]
-    files = all_files
+    return all_files, fmt
+
+
+def read_input(path: str, fmt: str | None = None, files: list[str] | None = None) -> pa.Table:
+    """The whole corpus (or only ``files`` of it) as one Arrow table, rows in a fixed order."""
+    all_files, fmt = selected_files(path, fmt, files)
     fs, _ = storage.resolve(path)
-    tables = []
-    for f in files:
-        try:
-            if fmt == "parquet":
-                tables.append(pq.read_table(f, filesystem=fs))
-                continue
-            with fs.open_input_stream(f) as stream:
-                data = stream.read()
-            if fmt == "jsonl":
-                tables.append(pajson.read_json(io.BytesIO(data)) if data.strip() else pa.table({}))
-            else:
-                tables.append(pacsv.read_csv(io.BytesIO(data)))
-        except pa.ArrowInvalid as e:
-            raise RaylaneError(f"cannot read input file {f} as {fmt}: {e}", hint="check input.format") from None
+    tables = [read_file(fs, f, fmt) for f in all_files]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         raise RaylaneError(f"input {path!r} has no rows")
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_file(fs, f: str, fmt: str) -> pa.Table:
+    """One input file as an Arrow table (an empty jsonl file has no rows and no columns)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            return pq.read_table(f, filesystem=fs)
+        with fs.open_input_stream(f) as stream:
+            data = stream.read()
+        if fmt == "jsonl":
+            return pajson.read_json(io.BytesIO(data)) if data.strip() else pa.table({})
+        return pacsv.read_csv(io.BytesIO(data))
+    except pa.ArrowInvalid as e:
+        raise RaylaneError(f"cannot read input file {f} as {fmt}: {e}", hint="check input.format") from None
 
 
 def check_columns(table: pa.Table, id_column: str, text_column: str) -> list[str]:
@@ -194,6 +200,7 @@ class ShardPlan:
     version: int = PLAN_VERSION
     shard_ids_sha256: list[str] = field(default_factory=list)  # per shard, ids in input order
     shard_prompts_sha256: list[str] = field(default_factory=list)  # per shard, prompt content in order
+    shard_idset_sha256: list[str] = field(default_factory=list)  # per shard, the id set (what its file holds)
     generation: dict[str, Any] = field(default_factory=dict)  # model/adapter versions, sampling, limits
     generation_sha256: str = ""
     upgraded_from: int | None = None
@@ -289,6 +296,12 @@ def ensure_plan(output: str, plan: ShardPlan) -> ShardPlan:
         changed = [f"{k} ({getattr(old, k)!r} -> {getattr(plan, k)!r})" for k in diff]
     elif old is not None:
         changed = old.changes(plan)
+        if not changed and plan.shard_idset_sha256 and not old.shard_idset_sha256:
+            # A plan from before per-shard id sets: the same plan, with them added.
+            from dataclasses import replace
+
+            old = replace(old, shard_idset_sha256=plan.shard_idset_sha256)
+            storage.write_bytes_atomic(uri, json.dumps(asdict(old), indent=2).encode())
         if not changed:
             return old
     else:

@@ -15,8 +15,11 @@ Imported by the engine actor (and by ``runtime.batch.engine`` when it builds the
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import threading
+import time
 
 from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 
@@ -37,6 +40,86 @@ class FinalOutputEngineUDF(vLLMEngineStageUDF):
             return request
 
         self.llm._prepare_llm_request = final_only
+        _Watchdog(self, float(os.environ.get(DEADLINE_ENV) or 0)).start()
+
+
+DEADLINE_ENV = "RAYLANE_ENGINE_DEADLINE_S"
+
+
+class _Watchdog:
+    """Exits the engine actor when its vLLM engine died or stalled, so Ray Data starts a new actor
+    and re-runs the rows in flight (they reach the writer again; the first copy wins).
+
+    Dead: a vLLM process this actor started is gone (Ray Data's own handling covers a dead
+    engine only once a request fails with ``EngineDeadError``; an idle actor would keep it).
+    Stalled: rows are in flight and none has finished for ``deadline_s`` (a hung or stopped
+    engine process never fails a request: without this the job would wait forever)."""
+
+    def __init__(self, udf, deadline_s: float):
+        import psutil
+
+        self.udf, self.deadline = udf, deadline_s
+        self.inflight, self.last = 0, time.monotonic()
+        # vLLM names its engine process VLLM::EngineCore (its process title).
+        self.children = [p for p in psutil.Process().children(recursive=True)
+                         if "EngineCore" in _name(p)]
+        generate = udf._generate_with_error_handling
+
+        async def tracked(row, batch_uuid):
+            if self.inflight == 0:
+                self.last = time.monotonic()  # the clock starts with the first row in flight
+            self.inflight += 1
+            try:
+                return await generate(row, batch_uuid)
+            finally:
+                self.inflight -= 1
+                self.last = time.monotonic()
+
+        udf._generate_with_error_handling = tracked
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="raylane-engine-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        every = min(2.0, self.deadline / 4) if self.deadline else 2.0
+        while True:
+            time.sleep(every)
+            gone = [p.pid for p in self.children if not _alive(p)]
+            if gone:
+                self._exit(f"vLLM engine process {gone[0]} died")
+            idle = time.monotonic() - self.last
+            if self.deadline and self.inflight and idle > self.deadline:
+                self._exit(f"vLLM engine finished none of {self.inflight} rows in flight for {idle:.0f}s "
+                           f"(shard_deadline_s {self.deadline:.0f})")
+
+    def _exit(self, why: str) -> None:
+        import psutil
+
+        logging.getLogger("raylane.batch").error(f"[raylane] {why}: exiting the engine actor so Ray replaces it")
+        for p in psutil.Process().children(recursive=True):
+            try:
+                p.kill()  # a stopped (SIGSTOP) process dies of SIGKILL too
+            except psutil.Error:
+                pass
+        os._exit(1)  # a system error: Ray Data retries the actor's tasks on a new actor
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _name(p) -> str:
+    import psutil
+
+    try:
+        return p.name() + " " + " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def use_final_outputs(processor) -> None:

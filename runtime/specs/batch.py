@@ -125,6 +125,18 @@ class BatchInferenceSpec(SpecBase):
         8, ge=1, description="Batches in flight per engine replica, so vLLM's scheduler stays full."
     )
     max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts become error rows.")
+    prep_workers: int = Field(
+        1, ge=1, description="Most actors of the CPU stage that reads, chat-templates and tokenizes the rows "
+        "(on a cluster they run wherever CPUs are free, not on the engine's bundle)."
+    )
+    prep_cpus: float = Field(1.0, gt=0, description="Logical CPUs each of those actors (and each plan "
+                             "digest task) reserves; fractions allowed.")
+    shard_deadline_s: float | None = Field(
+        None, gt=0,
+        description="An engine with rows in flight that finishes none of them for this long is stalled: its "
+        "actor exits, Ray starts a new one and the rows run again (an engine process that dies is "
+        "treated the same at once). None = 60 s + 5 ms x rows_per_shard x sampling.max_tokens.",
+    )
     max_model_len: int = Field(2048, ge=16, description="Model context (prompt + output tokens) given to vLLM.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM as is.")
     schedule: str | None = Field(None, description="Cron schedule (KubeRay RayCronJob), e.g. '0 2 * * *'.")
@@ -135,6 +147,12 @@ class BatchInferenceSpec(SpecBase):
         if v is not None and len(v.split()) != 5:
             raise ValueError("must be a 5-field cron expression such as '0 2 * * *'")
         return v
+
+    def engine_deadline_s(self) -> float:
+        """``shard_deadline_s``, or its default from the shard's size."""
+        if self.shard_deadline_s is not None:
+            return self.shard_deadline_s
+        return 60.0 + 0.005 * self.rows_per_shard * self.sampling.max_tokens
 
     def output_path(self) -> str:
         """Where shard files, commit records and the manifest go (placeholders not yet filled in:

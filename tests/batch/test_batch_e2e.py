@@ -275,3 +275,70 @@ def test_killed_driver_rerun_runs_only_missing_shards(tiny_model, tmp_path):
     assert {c.run_id for i, c in after.items() if i not in first} == {result["run_id"]}
     ids = [r["id"] for r in _rows(out)]
     assert len(ids) == len(set(ids)) == 2000
+
+
+def _engine_cores() -> list:
+    """vLLM's EngineCore processes among the engine actors' children (psutil.Process objects)."""
+    import psutil
+
+    cores = []
+    for pid in _engine_pids():
+        try:
+            cores += [c for c in psutil.Process(pid).children(recursive=True)
+                      if "EngineCore" in " ".join([c.name(), *c.cmdline()])]
+        except psutil.Error:
+            continue
+    return cores
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_then_a_stalled_engine_core_never_hang_the_job(ray_local, tiny_model, tmp_path):
+    """Issue 14 item 6 in one run (one corpus, three engine starts): SIGKILL the EngineCore after
+    the first commit (the actor exits, Ray starts a new one, its rows re-run), then SIGSTOP the
+    replacement's EngineCore (it never fails a request: the shard deadline must trip)."""
+    import psutil
+
+    corpus = tmp_path / "in.jsonl"
+    n = 1000
+    corpus.write_text("".join(json.dumps({"id": f"k{i}", "prompt": f"question {i} about ray"}) + "\n"
+                              for i in range(n)))
+    out = tmp_path / "out"
+    spec = parse_spec(_spec_dict("kill-core", corpus, out, tiny_model, tmp_path, shard_deadline_s=20))
+    events: dict[str, float] = {}
+    stopped: list = []
+
+    def commits_after(t: float) -> int:
+        return sum(c.committed_at > t for c in sh.read_commits(str(out)).values()) if (out / "_commits").exists() else 0
+
+    def saboteur():
+        deadline = time.time() + 500
+        while time.time() < deadline:
+            if "kill" not in events and commits_after(0) >= 1:
+                cores = _engine_cores()
+                if cores:
+                    for c in cores:
+                        c.kill()
+                    events["kill"] = time.time()
+            elif "kill" in events and "stop" not in events and commits_after(events["kill"]) >= 1:
+                cores = _engine_cores()
+                if cores:
+                    for c in cores:
+                        c.suspend()  # SIGSTOP
+                    stopped.extend(cores)
+                    events["stop"] = time.time()
+                    return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=saboteur, daemon=True)
+    t.start()
+    result = run_batch(spec)
+    t.join(timeout=5)
+    assert "kill" in events and "stop" in events, f"the saboteur did not get both in: {events}"
+    commits = sh.read_commits(str(out))
+    assert len(commits) == 10 and any(c.committed_at > events["stop"] for c in commits.values())
+    # The stopped engine was replaced, not waited for: it is gone.
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stopped)
+    ids = [r["id"] for r in _rows(out)]  # every output file, read back
+    assert len(ids) == n and sorted(ids) == sorted(f"k{i}" for i in range(n))
+    assert result.ok and result.rows_out + result.rows_error == n, result.problems
+    assert result.rows_error == 0  # a dead engine's rows re-ran; none became "engine error" rows

@@ -1,14 +1,16 @@
 """A batch output folder's guarantees across reruns, without Ray or vLLM: the plan pins the
 input and the generation, one writer holds the folder's lease, damaged shards repair themselves.
 
-These run the real runner (``run_batch``: plan, lease, commit, manifest, verify) with only the
-engine stage replaced by one that answers every row (``_echo_engine``); nothing here claims that
-vLLM generated anything. The lease tests take the lease through a real first run that blocks in
+These run the real runner (``run_batch``: plan, lease, commit, manifest, verify) and the real
+data-plane functions (digests, prepare, ``ShardWriter``) in-process: the Ray tasks run in this
+process (``LocalExecutor``) and the engine stage is replaced by one that answers every row
+(``_Engine``); nothing here claims that vLLM generated anything or that Ray distributed it. The lease tests take the lease through a real first run that blocks in
 its engine stage, or through ``OutputLease`` directly (said per test).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -17,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runtime.batch import plane as pl
 from runtime.batch import runner
 from runtime.batch import shards as sh
-from runtime.batch.engine import ID, SHARD
+from runtime.batch.engine import ID, SHARD, engine_row, load_tokenizer
 from runtime.batch.lease import LEASE, LeaseHeld, OutputLease
 from runtime.errors import RaylaneError
 from runtime.specs import parse_spec
@@ -58,20 +61,38 @@ class _Engine:
         self.release = threading.Event()
         self.block = False
 
-    def __call__(self, spec, address, model_dir, adapter_dir, rows, run):
+    def __call__(self, spec, address, plan, run):
         self.started.set()
         if self.block:
             assert self.release.wait(60), "the test never released the engine"
-        for r in rows:
-            self.seen.append(r[ID])
-            run.add({ID: r[ID], SHARD: r[SHARD], "generated_text": f"out {r[ID]}",
-                     "num_input_tokens": len(r["tokenized_prompt"]), "num_generated_tokens": 1})
+        tok = load_tokenizer(plan.model_dir)
+        writer = pl.ShardWriter(*run.writer_args())
+        for i in plan.pending:
+            errors, rows = pl.prepare_shard(spec, tok, plan.root, plan.in_fmt, i, plan.pieces[i], plan.text_col)
+            writer.add({i: errors})
+            for r in rows:
+                self.seen.append(r[ID])
+            writer.add({i: [engine_row({ID: r[ID], SHARD: r[SHARD], "generated_text": f"out {r[ID]}",
+                                        "num_input_tokens": len(r["tokenized_prompt"]), "num_generated_tokens": 1})
+                            for r in rows]})
+            records, lost = writer.drain()
+            for rec in records:
+                run.on_commit(rec)
+            if lost:
+                raise LeaseHeld(lost)
+            run.lease.check()
+
+
+@contextlib.contextmanager
+def _local_executor(address):
+    yield pl.LocalExecutor()
 
 
 @pytest.fixture
 def engine(monkeypatch) -> _Engine:
     e = _Engine()
     monkeypatch.setattr(runner, "_run_engine", e)
+    monkeypatch.setattr(runner, "_executor", _local_executor)
     return e
 
 

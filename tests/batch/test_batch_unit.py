@@ -187,6 +187,9 @@ def test_chat_messages_use_the_chat_template(tiny_model: Path):
 def test_an_engine_failure_keeps_committed_shards_and_says_how_to_resume(tiny_model: Path, tmp_path: Path,
                                                                          monkeypatch):
     """Runner logic only: the engine stage is replaced by one that commits a shard, then dies."""
+    import contextlib
+
+    from runtime.batch import plane as pl
     from runtime.batch import runner
     from runtime.errors import BatchEngineError
 
@@ -195,13 +198,19 @@ def test_an_engine_failure_keeps_committed_shards_and_says_how_to_resume(tiny_mo
     spec = _spec(model=str(tiny_model), input={"path": str(corpus)},
                  output={"path": str(tmp_path / "out"), "format": "jsonl"}, rows_per_shard=3)
 
-    def half_engine(spec, address, model_dir, adapter_dir, rows, run):
-        for r in rows[:3]:
-            run.buffers[r["__rl_shard"]][r["__rl_id"]] = {"id": r["__rl_id"], "output": "x", "error": None,
-                                                          "num_input_tokens": 1, "num_output_tokens": 1}
-            run.maybe_commit(r["__rl_shard"])
+    def half_engine(spec, address, plan, run):
+        writer = pl.ShardWriter(*run.writer_args())
+        writer.add({0: [{"id": str(i), "output": "x", "error": None, "num_input_tokens": 1, "num_output_tokens": 1}
+                        for i in range(3)]})
+        for rec in writer.drain()[0]:
+            run.on_commit(rec)
         raise RuntimeError("engine died\nEngineDeadError: out of memory")
 
+    @contextlib.contextmanager
+    def local(address):
+        yield pl.LocalExecutor()
+
+    monkeypatch.setattr(runner, "_executor", local)
     monkeypatch.setattr(runner, "_run_engine", half_engine)
     with pytest.raises(BatchEngineError) as e:
         runner.run_batch(spec)
@@ -260,7 +269,75 @@ def test_processor_is_the_engine_stage_only_with_final_outputs(tmp_path):
     assert stage.fn is FinalOutputEngineUDF
     assert not stage.map_batches_kwargs.get("num_gpus") and stage.map_batches_kwargs["num_cpus"] == 1
     assert stage.map_batches_kwargs["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "0"
+    # The engine's stall deadline: from the shard's size unless the spec sets it.
+    assert spec.engine_deadline_s() == 60 + 0.005 * spec.rows_per_shard * spec.sampling.max_tokens
+    assert stage.map_batches_kwargs["runtime_env"]["env_vars"]["RAYLANE_ENGINE_DEADLINE_S"] == \
+        str(spec.engine_deadline_s())
+    assert _spec(shard_deadline_s=30).engine_deadline_s() == 30
     rows = engine_input(spec, None, [{ID: "a", SHARD: 0, "tokenized_prompt": [1, 2]}])
     assert rows == [{Processor.DATA_COLUMN: {ID: "a", SHARD: 0, "tokenized_prompt": [1, 2],
                                              "sampling_params": sampling_params(spec)}}]
     assert engine_output(pa.Table.from_pylist(rows).to_batches()[0]) == [rows[0][Processor.DATA_COLUMN]]
+
+
+def test_shards_are_cut_from_per_file_counts_across_file_boundaries():
+    from runtime.batch.plane import Piece, shard_pieces
+
+    ranges, pieces = shard_pieces(["a", "b", "c"], [5, 0, 7], 4)
+    assert ranges == [(0, 4), (4, 8), (8, 12)]
+    assert pieces == [[Piece("a", 0, 4)], [Piece("a", 4, 5), Piece("c", 0, 3)], [Piece("c", 3, 7)]]
+
+
+def test_digest_tasks_match_the_digests_of_the_whole_input(tmp_path: Path):
+    """Per-shard digests from the shard's own file slices (what a worker computes) equal those
+    over the whole input read at once (what main's driver computed): existing plans stay valid."""
+    from runtime.batch import plane as pl
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = [{"id": f"x{i}", "prompt": f"p {i}" if i % 7 else None} for i in range(23)]
+    for k, (lo, hi) in enumerate([(0, 5), (5, 5), (5, 16), (16, 23)]):
+        (folder / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[lo:hi]))
+    files, fmt = sh.input_files(str(folder), None)
+    ex = pl.LocalExecutor()
+    counts = ex.map(pl.count_rows, [(str(folder), fmt, f) for f in files])
+    ranges, pieces = pl.shard_pieces(files, counts, 4)
+    digests, ids = ex.digest(pl.digest_calls(str(folder), fmt, pieces, "id", "prompt", 2))
+    table = sh.read_input(str(folder))
+    all_ids, texts = [str(v) for v in table.column("id").to_pylist()], table.column("prompt").to_pylist()
+    assert [(d["ids"], d["prompts"]) for d in digests] == [sh.shard_digests(all_ids[lo:hi], texts[lo:hi])
+                                                           for lo, hi in ranges]
+    assert ids == {"duplicates": 0, "sample": [], "ids_sha256": sh.ids_digest(all_ids)}
+    (folder / "part-9.jsonl").write_text(json.dumps({"id": "x3", "prompt": "again"}) + "\n")
+    files, _ = sh.input_files(str(folder), None)
+    counts = ex.map(pl.count_rows, [(str(folder), fmt, f) for f in files])
+    _, dup = ex.digest(pl.digest_calls(str(folder), fmt, pl.shard_pieces(files, counts, 4)[1], "id", "prompt", 2))
+    assert dup["duplicates"] == 1 and dup["sample"] == ["x3"]
+
+
+def test_shard_writer_commits_each_shard_once_when_its_last_row_arrives(tmp_path: Path):
+    from runtime.batch.plane import ShardWriter, error_row
+
+    out = str(tmp_path / "out")
+
+    def row(i):
+        return {"id": f"r{i}", "output": "o", "error": None, "num_input_tokens": 1, "num_output_tokens": 2}
+
+    w = ShardWriter(out, "jsonl", "run-1", {0: 2, 1: 3})
+    w.add({1: [row(3)], 0: [row(1)]})
+    assert w.drain() == ([], None)
+    w.add({1: [row(3), row(4)], 0: [row(0), row(1)]})  # a retried batch: r1 and r3 again
+    (rec0,), _ = w.drain()
+    assert rec0.shard == 0 and rec0.rows == 2
+    w.add({1: [error_row("r5", "empty prompt")], 0: [row(0)]})
+    (rec1,), _ = w.drain()
+    assert (rec1.shard, rec1.rows, rec1.rows_error, rec1.output_tokens) == (1, 3, 1, 4)
+    assert w.pending() == {}
+    assert [r["id"] for r in sh.decode_rows((tmp_path / "out" / rec1.file).read_bytes(), "jsonl")] == \
+        ["r3", "r4", "r5"]
+    # Lost lease: nothing more is committed, and the driver hears why.
+    (tmp_path / "lease.json").write_text(json.dumps({"token": "someone-else"}))
+    w2 = ShardWriter(out, "jsonl", "run-2", {2: 1}, str(tmp_path / "lease.json"), "mine")
+    w2.add({2: [row(9)]})
+    records, lost = w2.drain()
+    assert records == [] and "another run holds" in lost and w2.pending() == {2: 0}

@@ -1,0 +1,126 @@
+"""Batch at scale: raylane's own overhead (driver memory, driver CPU, time to first commit) as the
+corpus grows, with ``max_tokens: 1`` so the engine's work is as small as it gets.
+
+    python -m bench.batch_scale                      # 10k and 100k short rows
+    python -m bench.batch_scale --rows 10000 100000 1000000
+
+Each corpus runs in a fresh driver process (``--one N`` is that child), so one corpus' memory
+never counts against the next. Measured in the driver process only (not Ray's raylet, workers,
+or the engine): peak RSS sampled every 0.1 s, CPU seconds (user + system, every driver thread)
+from ``getrusage``. Time to first commit is the first commit record's ``committed_at`` minus the
+start of ``run_batch``. The corpus is jsonl in files of 10k rows (a folder input), prompts a few
+words long; rows_per_shard 1000, batch_size 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FILE_ROWS = 10_000
+
+
+def write_corpus(folder: Path, rows: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ("ray", "data", "shards", "engines", "tokens", "plans", "leases", "commits")
+    for start in range(0, rows, FILE_ROWS):
+        lines = [json.dumps({"id": f"r{i:08d}", "prompt": f"Say {words[i % 8]} {i}"}) + "\n"
+                 for i in range(start, min(start + FILE_ROWS, rows))]
+        (folder / f"part-{start // FILE_ROWS:05d}.jsonl").write_text("".join(lines))
+    return folder
+
+
+class _Peak:
+    def __init__(self, every_s: float = 0.1):
+        import psutil
+
+        self.proc, self.every, self.peak = psutil.Process(), every_s, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.stop.wait(self.every)
+
+    def done(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, self.proc.memory_info().rss)
+
+
+def one(rows: int) -> dict:
+    from runtime.batch import run_batch
+    from runtime.batch import shards as sh
+    from runtime.specs import parse_spec
+    from runtime.tiny_model import write_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    model = write_tiny_model(work / "tiny-llama", seed=0)
+    corpus = write_corpus(work / "corpus", rows)
+    spec = parse_spec({
+        "kind": "BatchInference", "name": "scale", "model": str(model),
+        "input": {"path": str(corpus), "format": "jsonl"},
+        "output": {"path": str(work / "out"), "format": "parquet"},
+        "sampling": {"max_tokens": 1}, "rows_per_shard": 1000, "batch_size": 256,
+        "max_model_len": 128, "storage": {"root": str(work)},
+    })
+    peak = _Peak()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.time()
+    result = run_batch(spec)
+    wall = time.time() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    rss = peak.done()
+    commits = sh.read_commits(spec.output_path())
+    first = min(c.committed_at for c in commits.values()) - t0
+    return dict(rows=rows, ok=result.ok, wall_s=round(wall, 1), first_commit_s=round(first, 1),
+                driver_peak_rss_mb=round(rss / 2**20), driver_cpu_s=round(
+                    (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime), 1),
+                load=round(os.getloadavg()[0], 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.batch_scale", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--label", default="", help="a label for the table (e.g. the git commit)")
+    args = p.parse_args(argv)
+    if args.one:
+        r = one(args.one)
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0 if r["ok"] else 1
+    results = []
+    for n in args.rows:
+        print(f"[bench] {n} rows ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.batch_scale", "--one", str(n)],
+                              stdout=subprocess.PIPE, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"[bench] {n} rows failed (exit {proc.returncode})", file=sys.stderr)
+            continue
+        results.append(json.loads(line[len("RESULT "):]))
+    print(f"\nbatch at scale {args.label} (max_tokens 1, tiny Llama, {os.cpu_count()} cores; driver process only)\n")
+    print("| rows | wall s | first commit s | driver peak RSS MB | driver CPU s | ok | load avg |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['rows']:,} | {r['wall_s']} | {r['first_commit_s']} | {r['driver_peak_rss_mb']} "
+              f"| {r['driver_cpu_s']} | {r['ok']} | {r['load']} |")
+    return 0 if results and all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
