@@ -1,0 +1,116 @@
+"""Canary releases of a served model or adapter: start, inspect, decide, abort.
+
+>>> import runtime.release as release
+>>> st = release.rollout_start("examples/serve.yaml", candidate="models:/bot/3")   # doctest: +SKIP
+>>> release.rollout_status("chat").state                                          # doctest: +SKIP
+'progressing'
+>>> release.rollout_abort("chat")                                                 # doctest: +SKIP
+
+A rollout is named after the serving app (one at a time per app) and lives as a JSON state under
+the storage root (``runtime.release.state``). ``rollout_evaluate`` is one turn of the controller:
+the two arms' windows in, a decision recorded, and on ``promote`` the registry alias ``champion``
+moved to the candidate (the old one becomes ``previous``); a rollback leaves the aliases alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtime.defaults import default_storage_root
+from runtime.errors import RaylaneError, SpecError, SpecProblem
+from runtime.release.arms import choose_arm
+from runtime.release.decide import ArmWindow, Decision, decide
+from runtime.release.state import RolloutState, RolloutStore
+
+__all__ = [
+    "ArmWindow", "Decision", "RolloutState", "RolloutStore", "choose_arm", "decide",
+    "rollout_abort", "rollout_evaluate", "rollout_start", "rollout_status",
+]
+
+
+def rollout_start(spec: str | Path | dict[str, Any] | Any, candidate: str | None = None, *,
+                  now: float | None = None) -> RolloutState:
+    """Start releasing ``candidate`` (default: the spec's ``rollout.candidate``, else
+    ``models:/NAME@challenger``) on the serving app ``spec`` against its current champion. Both
+    are pinned to registry versions now, so moving an alias later does not change the rollout."""
+    from runtime.registry import parse_ref, pinned_ref
+    from runtime.specs import load_spec
+    from runtime.specs.serving import OnlineInferenceSpec, RolloutSpec, rollout_problems
+
+    spec = load_spec(spec, kind=OnlineInferenceSpec, entrypoint="raylane rollout start")
+    rollout = spec.rollout or RolloutSpec()
+    if candidate is not None:
+        rollout = rollout.model_copy(update={"candidate": candidate})
+    problems = rollout_problems(spec, rollout)
+    if problems:
+        raise SpecError(f"rollout of {spec.name!r}", [SpecProblem("", p) for p in problems],
+                        hint="fix the spec's rollout section or --candidate, then rerun `raylane rollout start`")
+    model_id, champion_ref = spec.release_target(rollout)
+    name = parse_ref(champion_ref)[0]
+    root = spec.storage.resolved()
+    champion = pinned_ref(champion_ref, root)
+    chosen = pinned_ref(rollout.candidate or f"models:/{name}@challenger", root)
+    if chosen == champion:
+        raise RaylaneError(f"candidate {rollout.candidate or 'challenger'} is {champion}, the champion itself",
+                           hint=f"`raylane registry list {name}` shows the versions; name a newer one")
+    store = RolloutStore(root)
+    if store.exists(spec.name):
+        running = store.load(spec.name)
+        if not running.done:
+            raise RaylaneError(f"rollout {spec.name!r} is already progressing (step {running.step + 1}, "
+                               f"candidate {running.candidate} at {running.weight:g}%)",
+                               hint=f"`raylane rollout abort {spec.name}` ends it first")
+    state = RolloutState.start(name=spec.name, app=spec.name, model_id=model_id, champion=champion,
+                               candidate=chosen, config=rollout.model_dump(mode="json"), now=now)
+    store.save(state)
+    return state
+
+
+def rollout_status(name: str, storage_root: str | None = None) -> RolloutState:
+    """The saved state of rollout ``name`` (the serving app's name)."""
+    return RolloutStore(_root(storage_root)).load(name)
+
+
+def rollout_abort(name: str, storage_root: str | None = None, reason: str = "aborted by hand") -> RolloutState:
+    """End rollout ``name`` now: the candidate's weight goes to 0; registry aliases are untouched."""
+    store = RolloutStore(_root(storage_root))
+    state = store.load(name).abort(reason)
+    store.save(state)
+    return state
+
+
+def rollout_evaluate(name: str, champion: ArmWindow, candidate: ArmWindow, *, storage_root: str | None = None,
+                     now: float | None = None) -> RolloutState:
+    """One controller turn: decide the current step from the two arms' windows, record the
+    decision, and on ``promote`` move the registry alias ``champion`` to the candidate. The state
+    is saved before the registry moves, so a controller that dies in between promotes again on
+    restart (``Registry.promote`` of the champion itself is a no-op)."""
+    from runtime.specs.serving import RolloutSpec
+
+    root = _root(storage_root)
+    store = RolloutStore(root)
+    state = store.load(name)
+    cfg = RolloutSpec.model_validate(state.config)
+    decision = decide(champion, candidate, cfg, step=state.step, elapsed_s=state.elapsed_in_step(now),
+                      failures=state.failures, baseline=state.baseline_window())
+    state = state.apply(decision, now)
+    store.save(state)
+    if state.state == "promoted":
+        promote_candidate(state, root)
+    return state
+
+
+def promote_candidate(state: RolloutState, storage_root: str) -> None:
+    """Registry alias ``champion`` -> the rollout's candidate version (the old one becomes ``previous``)."""
+    from runtime.registry import Registry, parse_ref
+
+    model, _, version = parse_ref(state.candidate)
+    Registry(storage_root).promote(model, version)
+
+
+def _root(storage_root: str | None) -> str:
+    from runtime.storage import is_remote
+
+    root = storage_root or default_storage_root()
+    return root if is_remote(root) else str(Path(root).expanduser().resolve())
