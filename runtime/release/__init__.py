@@ -34,7 +34,7 @@ def rollout_start(spec: str | Path | dict[str, Any] | Any, candidate: str | None
     """Start releasing ``candidate`` (default: the spec's ``rollout.candidate``, else
     ``models:/NAME@challenger``) on the serving app ``spec`` against its current champion. Both
     are pinned to registry versions now, so moving an alias later does not change the rollout."""
-    from runtime.registry import parse_ref, pinned_ref
+    from runtime.registry import parse_ref
     from runtime.specs import load_spec
     from runtime.specs.serving import OnlineInferenceSpec, RolloutSpec, rollout_problems
 
@@ -49,8 +49,8 @@ def rollout_start(spec: str | Path | dict[str, Any] | Any, candidate: str | None
     model_id, champion_ref = spec.release_target(rollout)
     name = parse_ref(champion_ref)[0]
     root = spec.storage.resolved()
-    champion = pinned_ref(champion_ref, root)
-    chosen = pinned_ref(rollout.candidate or f"models:/{name}@challenger", root)
+    champion = _pinned(champion_ref, root)
+    chosen = _pinned(rollout.candidate or f"models:/{name}@challenger", root)
     if chosen == champion:
         raise RaylaneError(f"candidate {rollout.candidate or 'challenger'} is {champion}, the champion itself",
                            hint=f"`raylane registry list {name}` shows the versions; name a newer one")
@@ -107,6 +107,16 @@ def promote_candidate(state: RolloutState, storage_root: str) -> None:
 
     model, _, version = parse_ref(state.candidate)
     Registry(storage_root).promote(model, version)
+
+
+def _pinned(ref: str, storage_root: str) -> str:
+    """``models:/NAME/VERSION`` of an existing version (an alias resolved now)."""
+    from runtime.registry import Registry, parse_ref, pinned_ref
+
+    pinned = pinned_ref(ref, storage_root)
+    model, _, version = parse_ref(pinned)
+    Registry(storage_root).get(model, version)  # a clear error for a version that is not there
+    return pinned
 
 
 def _root(storage_root: str | None) -> str:

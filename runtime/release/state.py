@@ -102,6 +102,18 @@ class RolloutState:
         return replace(self, state="aborted", weight=0.0, reason=reason, updated_at=now,
                        history=[*self.history, record])
 
+    @property
+    def arms(self) -> dict[str, dict]:
+        """Per-arm numbers of the latest decision ({} before the first)."""
+        return next((h["arms"] for h in reversed(self.history) if h.get("arms")), {})
+
+    def summary(self) -> dict[str, Any]:
+        """What ``raylane rollout status`` shows: where it is, the latest numbers, and why."""
+        return {"name": self.name, "state": self.state, "step": self.step + 1, "steps": self.steps,
+                "weight": self.weight, "model_id": self.model_id, "champion": self.champion,
+                "candidate": self.candidate, "failures": self.failures, "reason": self.reason,
+                "arms": self.arms, "decisions": len(self.history), "updated_at": self.updated_at}
+
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
 
