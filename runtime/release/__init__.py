@@ -77,6 +77,7 @@ def rollout_abort(name: str, storage_root: str | None = None, reason: str = "abo
     store = RolloutStore(_root(storage_root))
     state = store.load(name).abort(reason)
     store.save(state)
+    record_outcome(state, store.storage_root)
     return state
 
 
@@ -98,6 +99,8 @@ def rollout_evaluate(name: str, champion: ArmWindow, candidate: ArmWindow, *, st
     store.save(state)
     if state.state == "promoted":
         promote_candidate(state, root)
+    if state.done:
+        record_outcome(state, root)
     return state
 
 
@@ -107,6 +110,24 @@ def promote_candidate(state: RolloutState, storage_root: str) -> None:
 
     model, _, version = parse_ref(state.candidate)
     Registry(storage_root).promote(model, version)
+
+
+def record_outcome(state: RolloutState, storage_root: str) -> None:
+    """The rollout's outcome as tags on the candidate's registry version: its id, final state and
+    reason, and each decision that moved or failed something (advance, promote, rollback, abort, a
+    failed check) as JSON with its step, per-arm numbers, verdict and reason. Plain holds stay in
+    the state's history only."""
+    import json
+
+    from runtime.registry import Registry, parse_ref
+
+    model, _, version = parse_ref(state.candidate)
+    prefix = f"raylane.rollout.{state.rollout_id}"
+    tags = {"raylane.rollout": state.rollout_id, f"{prefix}.state": state.state, f"{prefix}.reason": state.reason}
+    for i, h in enumerate(state.history):
+        if h["verdict"] != "hold" or h.get("failed"):
+            tags[f"{prefix}.decision.{i:03d}"] = json.dumps(h, separators=(",", ":"), default=str)
+    Registry(storage_root).set_tags(model, version, tags)
 
 
 def _pinned(ref: str, storage_root: str) -> str:

@@ -138,6 +138,7 @@ class RolloutStore:
     sees half a file."""
 
     def __init__(self, storage_root: str):
+        self.storage_root = storage_root
         self.root = storage.join(storage_root, "rollouts")
 
     def path(self, name: str) -> str:

@@ -129,14 +129,23 @@ class CanaryRouter:
     async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str):
         start = self.clock()
         seen = {"status": 500, "ttft": None}
+        # The client named the stable id and reads it back in "model" (vLLM echoes the LoRA id).
+        # Compact JSON, as vLLM's pydantic responses and Starlette's JSONResponse write it.
+        internal = json.dumps({"model": candidate_model_id(state)}, separators=(",", ":"))[1:-1].encode()
+        stable = json.dumps({"model": state.model_id}, separators=(",", ":"))[1:-1].encode()
 
         async def tagged_send(message):
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-                message = dict(message, headers=[*message.get("headers", []), (VERSION_HEADER, version.encode()),
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if arm == "champion" or k.lower() != b"content-length"]  # the body shrinks
+                message = dict(message, headers=[*headers, (VERSION_HEADER, version.encode()),
                                                  (ARM_HEADER, arm.encode())])
-            elif message["type"] == "http.response.body" and seen["ttft"] is None and message.get("body"):
-                seen["ttft"] = self.clock() - start
+            elif message["type"] == "http.response.body":
+                if seen["ttft"] is None and message.get("body"):
+                    seen["ttft"] = self.clock() - start
+                if arm == "candidate" and internal in message.get("body", b""):
+                    message = dict(message, body=message["body"].replace(internal, stable))
             await send(message)
 
         try:

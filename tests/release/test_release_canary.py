@@ -23,8 +23,9 @@ MSG = [{"role": "user", "content": "hi"}]
 
 
 async def chat(request):
-    body = await request.json()
-    return JSONResponse({"served": body["model"]}, status_code=500 if body.get("user") == "fail" else 200)
+    body = await request.json()  # like vLLM, the response echoes the model id it served
+    return JSONResponse({"served": body["model"], "model": body["model"]},
+                        status_code=500 if body.get("user") == "fail" else 200)
 
 
 @pytest.fixture
@@ -66,6 +67,7 @@ async def test_weighted_sticky_rewrite_with_version_header(rig):
             arms[key] = arm
             want = {"champion": ("chat:support", "models:/bot/1"), "candidate": ("chat:support@2", "models:/bot/2")}
             assert (r.json()["served"], r.headers["x-raylane-model-version"]) == want[arm]
+            assert r.json()["model"] == "chat:support"  # the client reads back the id it sent
         share = list(arms.values()).count("candidate") / len(KEYS)
         assert 0.4 < share < 0.6  # 50 % of 300 keys: 4 sigma is +-0.115
         assert ensured and set(ensured) == {"chat:support@2"}  # the candidate adapter is loaded first
@@ -99,7 +101,7 @@ async def test_no_rollout_passes_through(tmp_path):
     app = CanaryRouter(inner, watch=RolloutWatch(str(tmp_path), "chat"), recorder=ArmRecorder(str(tmp_path), "chat"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         r = await c.post("/v1/chat/completions", json={"model": "chat:support", "messages": MSG})
-        assert r.json() == {"served": "chat:support"} and "x-raylane-arm" not in r.headers
+        assert r.json()["served"] == "chat:support" and "x-raylane-arm" not in r.headers
 
 
 def test_candidate_ref_only_for_versions_of_the_adapters_model():

@@ -52,6 +52,12 @@ def test_a_good_candidate_is_promoted_and_a_bad_one_rolled_back(setup):
     assert st.state == "promoted"
     assert (reg.alias("bot", "champion").version, reg.alias("bot", "previous").version) == (2, 1)
     assert release.rollout_status("chat", str(root)) == st    # durable: what another process reads
+    tags = reg.get("bot", 2).tags  # the decision record on the candidate's version
+    prefix = f"raylane.rollout.{st.rollout_id}"
+    assert tags["raylane.rollout"] == st.rollout_id and tags[f"{prefix}.state"] == "promoted"
+    decisions = [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(f"{prefix}.decision.")]
+    assert [d["verdict"] for d in decisions] == ["advance", "promote"]  # the first hold stays in the state only
+    assert decisions[0]["arms"]["candidate"]["requests"] == 60 and decisions[0]["step"] == 0
     with pytest.raises(RaylaneError, match="takes no more decisions"):
         release.rollout_evaluate("chat", CHAMP, GOOD, storage_root=str(root))
 
@@ -63,6 +69,7 @@ def test_a_good_candidate_is_promoted_and_a_bad_one_rolled_back(setup):
     st = release.rollout_evaluate("chat", CHAMP, BAD, storage_root=str(root), now=2005)
     assert (st.state, st.weight, st.history[-1]["check"]) == ("rolled_back", 0, "max_error_rate_increase")
     assert reg.alias("bot", "champion").version == 2
+    assert reg.get("bot", 3).tags[f"raylane.rollout.{st.rollout_id}.state"] == "rolled_back"
 
 
 def test_start_refuses_what_it_cannot_release(setup):
