@@ -16,6 +16,9 @@ def register(sub) -> None:
     st.add_argument("--candidate", default=None,
                     help="registry version or alias to release (models:/NAME/VERSION or models:/NAME@ALIAS); "
                          "default: the spec's rollout.candidate, else models:/NAME@challenger")
+    st.add_argument("--address", default=None,
+                    help="Ray cluster serving the app (HOST:PORT; default $RAY_ADDRESS): start the rollout's "
+                         "controller there. Without one, only the rollout's state is written")
     ss = verbs.add_parser("status", help="state, step, weight, per-arm metrics and the reason of the last decision")
     ab = verbs.add_parser("abort", help="end a rollout now: the candidate gets no more traffic; aliases untouched")
     ab.add_argument("--reason", default="aborted by hand", help="recorded in the rollout's history")
@@ -33,7 +36,17 @@ def _run(args) -> int:
 
     with json_stdout(args.json) as emit:
         if args.verb == "start":
+            import os
+
             state = release.rollout_start(args.spec, candidate=args.candidate)
+            address = args.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                from runtime.specs import load_spec
+
+                release.rollout_control(state.name, address, load_spec(args.spec).storage.resolved())
+            elif not args.json:
+                print("note: no controller started (no --address or $RAY_ADDRESS): the state is saved, "
+                      "nothing moves the weights", flush=True)
         elif args.verb == "status":
             state = release.rollout_status(args.name, args.storage_root)
         else:

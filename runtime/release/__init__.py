@@ -25,7 +25,7 @@ from runtime.release.state import RolloutState, RolloutStore
 
 __all__ = [
     "ArmWindow", "Decision", "RolloutState", "RolloutStore", "choose_arm", "decide",
-    "rollout_abort", "rollout_evaluate", "rollout_start", "rollout_status",
+    "rollout_abort", "rollout_control", "rollout_evaluate", "rollout_start", "rollout_status",
 ]
 
 
@@ -75,10 +75,24 @@ def rollout_status(name: str, storage_root: str | None = None) -> RolloutState:
 def rollout_abort(name: str, storage_root: str | None = None, reason: str = "aborted by hand") -> RolloutState:
     """End rollout ``name`` now: the candidate's weight goes to 0; registry aliases are untouched."""
     store = RolloutStore(_root(storage_root))
-    state = store.load(name).abort(reason)
-    store.save(state)
+    state = store.abort(name, reason)
     record_outcome(state, store.storage_root)
     return state
+
+
+def rollout_control(name: str, address: str | None, storage_root: str | None = None):
+    """Start (or find) rollout ``name``'s controller, a detached actor on the Ray cluster at
+    ``address`` (else ``$RAY_ADDRESS``): the cluster that serves the app, which the controller
+    outlives this process on. ``storage_root`` must be the root as that cluster sees it."""
+    from runtime.ray_env import init_ray, resolve_address
+    from runtime.release.controller import start_controller
+
+    if resolve_address(address) is None:
+        raise RaylaneError("a rollout controller lives on the cluster that serves the app; without an address "
+                           "it would run on a new local cluster that ends with this process",
+                           hint="pass --address HOST:PORT of that cluster (or set RAY_ADDRESS)")
+    init_ray(address)
+    return start_controller(name, _root(storage_root))
 
 
 def rollout_evaluate(name: str, champion: ArmWindow, candidate: ArmWindow, *, storage_root: str | None = None,

@@ -135,7 +135,10 @@ class RolloutState:
 class RolloutStore:
     """Rollout states under ``<storage root>/rollouts/<name>/state.json`` (local or s3://), each
     written whole and atomically, so a reader (a replica, the CLI, a restarted controller) never
-    sees half a file."""
+    sees half a file.
+
+    An abort is a file of its own (``abort.json``, naming the rollout id) that every read honours:
+    a controller saving a decision at the same moment cannot undo it."""
 
     def __init__(self, storage_root: str):
         self.storage_root = storage_root
@@ -144,14 +147,37 @@ class RolloutStore:
     def path(self, name: str) -> str:
         return storage.join(self.root, name, "state.json")
 
+    def abort_path(self, name: str) -> str:
+        return storage.join(self.root, name, "abort.json")
+
     def exists(self, name: str) -> bool:
         return storage.exists(self.path(name))
 
-    def load(self, name: str) -> RolloutState:
+    def get(self, name: str) -> RolloutState | None:
+        """The rollout's state (an abort applied), or None when there is none."""
         if not self.exists(name):
+            return None
+        state = RolloutState.from_json(storage.read_bytes(self.path(name)).decode())
+        if not state.done and storage.exists(self.abort_path(name)):
+            mark = json.loads(storage.read_bytes(self.abort_path(name)))
+            if mark.get("rollout_id") == state.rollout_id:
+                state = state.abort(mark.get("reason", "aborted"), now=mark.get("at"))
+        return state
+
+    def load(self, name: str) -> RolloutState:
+        state = self.get(name)
+        if state is None:
             raise RaylaneError(f"no rollout named {name!r} under {self.root}",
                                hint="`raylane rollout start SPEC --candidate REF` starts one")
-        return RolloutState.from_json(storage.read_bytes(self.path(name)).decode())
+        return state
 
     def save(self, state: RolloutState) -> None:
         storage.write_bytes_atomic(self.path(state.name), state.to_json().encode())
+
+    def abort(self, name: str, reason: str) -> RolloutState:
+        """Abort rollout ``name``: the marker first (what every reader honours), then the state."""
+        state = self.load(name).abort(reason)
+        mark = {"rollout_id": state.rollout_id, "reason": reason, "at": state.updated_at}
+        storage.write_bytes_atomic(self.abort_path(name), json.dumps(mark).encode())
+        self.save(state)
+        return state

@@ -26,7 +26,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from runtime import storage
 from runtime.release.arms import choose_arm
 from runtime.release.state import RolloutState, RolloutStore
 from runtime.release.windows import ArmRecorder
@@ -67,17 +66,11 @@ class RolloutWatch:
         if self._at is None or now - self._at >= self.ttl_s:
             self._at = now
             try:
-                self._state = await asyncio.to_thread(self._read)
+                self._state = await asyncio.to_thread(self.store.get, self.app)
             except Exception as e:  # storage hiccup: keep serving with what we knew
                 log.warning("rollout %s: cannot read its state (%s); keeping the last one", self.app, e)
         s = self._state
         return s if s is not None and s.state == "progressing" else None
-
-    def _read(self) -> RolloutState | None:
-        path = self.store.path(self.app)
-        if not storage.exists(path):
-            return None
-        return RolloutState.from_json(storage.read_bytes(path).decode())
 
 
 def client_id(scope, body: dict) -> str:

@@ -140,7 +140,10 @@ class RolloutChecksSpec(StrictModel):
     max_e2e_p95_ratio: float | None = Field(
         1.25, ge=1, description="Candidate end-to-end latency p95 / champion's, at most; null = not checked.",
     )
-    quality: QualityProbeSpec | None = Field(None, description="Quality probe on a golden set; null = none.")
+    quality: QualityProbeSpec | None = Field(
+        None, description="Quality probe on a golden set; null = none. Not run by the controller yet, "
+        "which refuses a rollout that has one.",
+    )
 
 
 class RolloutSpec(StrictModel):

@@ -91,7 +91,7 @@ def test_start_refuses_what_it_cannot_release(setup):
 
 def test_cli_start_status_abort(setup):
     reg, path, root = setup
-    env = {"RAYLANE_STORAGE_ROOT": str(root)}
+    env = {"RAYLANE_STORAGE_ROOT": str(root), "RAY_ADDRESS": ""}  # no cluster: no controller
     r = run_cli("rollout", "start", str(path), "--json", env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -108,3 +108,37 @@ def test_cli_start_status_abort(setup):
     assert reg.alias("bot", "champion").version == 1
     r = run_cli("rollout", "abort", "chat", env=env, timeout=120)
     assert r.returncode == 1 and "already aborted" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_controller_refuses_what_it_cannot_check_yet(setup):
+    from runtime.release.controller import start_controller
+
+    reg, path, root = setup
+    spec = yaml.safe_load(path.read_text())
+    spec["rollout"]["checks"] = {"quality": {"golden_set": "g.jsonl", "metric": "pkg.m:score"}}
+    path.write_text(yaml.safe_dump(spec))
+    release.rollout_start(path)
+    with pytest.raises(RaylaneError, match="does not run the quality probe yet"):
+        start_controller("chat", str(root))
+    release.rollout_abort("chat", str(root))
+    with pytest.raises(RaylaneError, match="aborted; there is nothing to control"):
+        start_controller("chat", str(root))
+
+
+def test_an_abort_survives_a_controller_saving_at_the_same_moment(setup):
+    from runtime.release.decide import decide
+    from runtime.release.state import RolloutStore
+    from runtime.specs.serving import RolloutSpec
+
+    reg, path, root = setup
+    store = RolloutStore(str(root))
+    st = release.rollout_start(path, now=1000)
+    seen = store.load("chat")  # the controller read the state...
+    release.rollout_abort("chat", str(root), reason="operator")  # ...an abort lands...
+    d = decide(CHAMP, GOOD, RolloutSpec.model_validate(st.config), step=0, elapsed_s=61)
+    store.save(seen.apply(d, 1061))  # ...and the controller saves its decision over it
+    after = release.rollout_status("chat", str(root))
+    assert (after.state, after.weight, after.reason) == ("aborted", 0, "operator")
+    # a new rollout of the same app is not touched by the old abort
+    assert release.rollout_start(path).state == "progressing"
+    assert release.rollout_status("chat", str(root)).state == "progressing"
