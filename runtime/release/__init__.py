@@ -24,7 +24,7 @@ from runtime.release.decide import ArmWindow, Decision, decide
 from runtime.release.state import RolloutState, RolloutStore
 
 __all__ = [
-    "ArmWindow", "Decision", "RolloutState", "RolloutStore", "choose_arm", "decide",
+    "ArmWindow", "Decision", "RolloutState", "RolloutStore", "choose_arm", "decide", "finish",
     "rollout_abort", "rollout_control", "rollout_evaluate", "rollout_start", "rollout_status",
 ]
 
@@ -99,8 +99,8 @@ def rollout_evaluate(name: str, champion: ArmWindow, candidate: ArmWindow, *, st
                      now: float | None = None) -> RolloutState:
     """One controller turn: decide the current step from the two arms' windows, record the
     decision, and on ``promote`` move the registry alias ``champion`` to the candidate. The state
-    is saved before the registry moves, so a controller that dies in between promotes again on
-    restart (``Registry.promote`` of the champion itself is a no-op)."""
+    is saved before the registry moves; a controller that dies in between finishes on restart
+    (``finish``)."""
     from runtime.specs.serving import RolloutSpec
 
     root = _root(storage_root)
@@ -111,19 +111,24 @@ def rollout_evaluate(name: str, champion: ArmWindow, candidate: ArmWindow, *, st
                       failures=state.failures, baseline=state.baseline_window())
     state = state.apply(decision, now)
     store.save(state)
-    if state.state == "promoted":
-        promote_candidate(state, root)
     if state.done:
-        record_outcome(state, root)
+        finish(state, root)
     return state
 
 
-def promote_candidate(state: RolloutState, storage_root: str) -> None:
-    """Registry alias ``champion`` -> the rollout's candidate version (the old one becomes ``previous``)."""
-    from runtime.registry import Registry, parse_ref
+def finish(state: RolloutState, storage_root: str) -> None:
+    """The registry side of a finished rollout, safe to repeat: a promotion moves ``champion`` to
+    the candidate unless it is there already or someone has moved it elsewhere since the start;
+    the outcome goes into the candidate version's tags."""
+    from runtime.registry import CHAMPION, Registry, parse_ref
 
-    model, _, version = parse_ref(state.candidate)
-    Registry(storage_root).promote(model, version)
+    if state.state == "promoted":
+        model, _, version = parse_ref(state.candidate)
+        reg = Registry(storage_root)
+        current = reg.alias(model, CHAMPION)
+        if current is None or current.version == parse_ref(state.champion)[2]:
+            reg.promote(model, version)  # the old champion becomes 'previous'
+    record_outcome(state, storage_root)
 
 
 def record_outcome(state: RolloutState, storage_root: str) -> None:

@@ -41,13 +41,14 @@ class RolloutController:
         self._thread.start()
 
     def _loop(self) -> None:
-        from runtime.release import rollout_evaluate, rollout_status
+        from runtime.release import finish, rollout_evaluate, rollout_status
         from runtime.release.windows import read_windows
 
         while not self._stop.is_set():
             try:
                 state = rollout_status(self.name, self.storage_root)
                 if state.done:
+                    finish(state, self.storage_root)  # a predecessor may have died before the registry moved
                     return
                 windows = read_windows(self.storage_root, state.app, state.rollout_id, state.step)
                 rollout_evaluate(self.name, windows["champion"], windows["candidate"],

@@ -33,6 +33,9 @@ from runtime.release.windows import ArmRecorder
 log = logging.getLogger(__name__)
 STATE_TTL_S = 2.0
 FLUSH_S = 2.0
+# After a promotion, replicas resolve the registry alias anew within ADAPTER_REFRESH_S (5 s);
+# until then the stable id could still reach the old champion, so the candidate keeps serving.
+PROMOTED_GRACE_S = 30.0
 VERSION_HEADER = b"x-raylane-model-version"
 ARM_HEADER = b"x-raylane-arm"
 
@@ -70,6 +73,8 @@ class RolloutWatch:
             except Exception as e:  # storage hiccup: keep serving with what we knew
                 log.warning("rollout %s: cannot read its state (%s); keeping the last one", self.app, e)
         s = self._state
+        if s is not None and s.state == "promoted" and time.time() - s.updated_at < PROMOTED_GRACE_S:
+            return s  # the candidate keeps all traffic until every replica's alias cache has moved on
         return s if s is not None and s.state == "progressing" else None
 
 

@@ -90,6 +90,14 @@ async def test_weighted_sticky_rewrite_with_version_header(rig):
         # a new weight and an abort reach the router on the next read (ttl 0 here; 2 s by default)
         store.save(dataclasses.replace(state, weight=0.0))
         assert {(await ask(c, k)).headers["x-raylane-arm"] for k in KEYS[:50]} == {"champion"}
+        # just promoted: the candidate keeps all traffic while replicas' alias caches move on
+        import time
+
+        promoted = dataclasses.replace(state, state="promoted", weight=100.0, updated_at=time.time())
+        store.save(promoted)
+        assert {(await ask(c, k)).json()["served"] for k in KEYS[:20]} == {"chat:support@2"}
+        store.save(dataclasses.replace(promoted, updated_at=time.time() - 60))  # the grace is over
+        assert (await ask(c, KEYS[0])).json()["served"] == "chat:support"
         store.save(state.abort())
         r = await ask(c, KEYS[0])
         assert r.json()["served"] == "chat:support" and "x-raylane-arm" not in r.headers

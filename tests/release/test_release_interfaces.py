@@ -142,3 +142,24 @@ def test_an_abort_survives_a_controller_saving_at_the_same_moment(setup):
     # a new rollout of the same app is not touched by the old abort
     assert release.rollout_start(path).state == "progressing"
     assert release.rollout_status("chat", str(root)).state == "progressing"
+
+
+def test_a_promotion_saved_but_not_applied_is_finished_once(setup):
+    """The controller died after saving 'promoted' but before moving the alias."""
+    import dataclasses
+
+    from runtime.release.state import RolloutStore
+
+    reg, path, root = setup
+    st = release.rollout_start(path)
+    promoted = dataclasses.replace(st, state="promoted", weight=100.0)
+    RolloutStore(str(root)).save(promoted)
+    assert reg.alias("bot", "champion").version == 1
+    release.finish(promoted, str(root))  # what a restarted controller does first
+    assert (reg.alias("bot", "champion").version, reg.alias("bot", "previous").version) == (2, 1)
+    # someone promoted another version since: a late finish leaves it alone
+    (root / "a3").mkdir()
+    reg.register("bot", str(root / "a3"), params={}, metrics={}, tags={})
+    reg.promote("bot", 3)
+    release.finish(promoted, str(root))
+    assert reg.alias("bot", "champion").version == 3

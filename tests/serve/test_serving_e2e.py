@@ -338,11 +338,16 @@ def test_adapter_canary_rollout_on_the_live_engine(served, tiny_model, tmp_path)
     st = release.rollout_evaluate(spec.name, w["champion"], w["candidate"], storage_root=root)
     assert st.state == "promoted", st.reason
     assert registry.alias("e2e-bot", "champion").version == v3.version
-    deadline, text = time.monotonic() + 60, champion_text
-    while text != candidate_text and time.monotonic() < deadline:  # the alias moves the stable id
-        time.sleep(2)
+    r, text = complete()  # just promoted: the candidate keeps the traffic while alias caches move on
+    assert text == candidate_text and r.headers["x-raylane-arm"] == "candidate"
+    time.sleep(6)  # replicas re-resolve the alias every 5 s; then end the grace period early
+    done = release.rollout_status(spec.name, root)
+    RolloutStore(root).save(dataclasses.replace(done, updated_at=done.updated_at - 60))
+    deadline = time.monotonic() + 30
+    while "x-raylane-arm" in r.headers and time.monotonic() < deadline:
+        time.sleep(0.5)
         r, text = complete()
-    assert text == candidate_text and "x-raylane-arm" not in r.headers
+    assert "x-raylane-arm" not in r.headers and text == candidate_text  # the alias serves the new champion
 
 
 @pytest.mark.timeout(300)
