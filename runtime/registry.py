@@ -138,6 +138,11 @@ class Registry:
             self.client.delete_registered_model_alias(name, CHALLENGER)
         return self.get(name, version)
 
+    def set_tags(self, name: str, version: int, tags: dict[str, str]) -> None:
+        """Tags on one version (e.g. a rollout's outcome on its candidate)."""
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), k, str(v)[:5000])
+
     def rollback(self, name: str) -> VersionInfo:
         """Swap ``champion`` back to ``previous`` (the bad champion becomes ``previous``)."""
         prev, cur = self.alias(name, PREVIOUS), self.alias(name, CHAMPION)

@@ -31,6 +31,7 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from runtime.errors import RaylaneError
 from runtime.models import resolve_model
+from runtime.serving import canary
 from runtime.serving import config as cfg
 from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
 from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter
@@ -83,7 +84,7 @@ class AdapterResolver:
         import time
 
         name = lora_model_id.partition(":")[2]
-        ref = self.adapters.get(name)
+        ref = self.adapters.get(name) or canary.candidate_ref(name, self.adapters)  # a rollout's candidate
         if ref is None:
             raise HTTPError(404, f"model {lora_model_id!r} does not exist", "not_found_error", "model")
         hit = self._cache.get(name)
@@ -137,6 +138,7 @@ class RaylaneLLMServer(LLMServer):
             load_api_keys()  # raises AuthNotConfigured: the replica fails instead of serving openly
         self._served = RequestLimits.from_spec(self._spec).served
         self._resolver = AdapterResolver(adapters, storage_root) if adapters else None
+        self._storage_root = storage_root
         self._lora_lock = asyncio.Lock()
         if self._resolver:
             kwargs["model_downloader"] = functools.partial(AdapterLoader, self._resolver)
@@ -144,6 +146,10 @@ class RaylaneLLMServer(LLMServer):
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
+        if self._resolver is not None:  # adapter rollouts: inside the guard, so after auth and validation
+            _add_middleware_to_built_app(
+                app, canary.CanaryRouter, watch=canary.RolloutWatch(self._storage_root, self._spec.name),
+                recorder=canary.ArmRecorder(self._storage_root, self._spec.name), ensure=self._ensure_adapter)
         # Added last, so outermost: auth and rate limit run before anything parses the body.
         _add_middleware_to_built_app(app, RaylaneGuard, spec=self._spec, prepare=self._prepare_request,
                                      unavailable=self._engine_dead)

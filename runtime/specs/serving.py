@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
+from runtime.imports import check_import_path
 from runtime.specs.common import SpecBase, StrictModel
 from runtime.specs.shape import Shape
 
@@ -107,6 +108,91 @@ class ToolCallingSpec(StrictModel):
     )
 
 
+class QualityProbeSpec(StrictModel):
+    """A golden set sent through the live endpoint to both arms each step, scored by your metric."""
+
+    golden_set: str = Field(
+        min_length=1,
+        description="JSONL file (local path or s3:// URI), one {\"prompt\": ..., \"reference\": ...} per line.",
+    )
+    metric: str = Field(
+        description="Import path 'pkg.mod:fn' with fn(completions, references) -> float, higher is better "
+        "(like eval.metric, it must be importable where the rollout controller runs).",
+    )
+    max_drop: float = Field(
+        0.0, ge=0, description="The candidate's score may be at most this much (absolute) below the champion's.",
+    )
+    max_tokens: int = Field(64, ge=1, description="max_tokens of each probe request.")
+
+    _check_metric = field_validator("metric")(classmethod(lambda cls, v: check_import_path(v)))
+
+
+class RolloutChecksSpec(StrictModel):
+    """What the candidate must not do worse than the champion, both arms measured in the same window."""
+
+    max_error_rate_increase: float = Field(
+        0.01, ge=0, le=1,
+        description="Candidate error rate minus champion error rate, at most (0.01 = one percentage point).",
+    )
+    max_ttft_p95_ratio: float | None = Field(
+        1.25, ge=1, description="Candidate TTFT p95 / champion TTFT p95, at most; null = not checked.",
+    )
+    max_e2e_p95_ratio: float | None = Field(
+        1.25, ge=1, description="Candidate end-to-end latency p95 / champion's, at most; null = not checked.",
+    )
+    quality: QualityProbeSpec | None = Field(
+        None, description="Quality probe on a golden set; null = none. Not run by the controller yet, "
+        "which refuses a rollout that has one.",
+    )
+
+
+class RolloutSpec(StrictModel):
+    """A canary release of a candidate against the current champion: traffic shares step up while the
+    checks pass; then the candidate is promoted (registry alias champion), else rolled back."""
+
+    adapter: str | None = Field(
+        None, description="Key in 'adapters' whose version is released; null = the base model ('model').",
+    )
+    candidate: str | None = Field(
+        None,
+        description="Registry version or alias of the same registered model as the champion "
+        "(models:/NAME/VERSION or models:/NAME@ALIAS); null = models:/NAME@challenger. "
+        "`raylane rollout start --candidate REF` overrides it.",
+    )
+    steps: list[float] = Field(
+        default_factory=lambda: [10.0, 50.0, 100.0],
+        min_length=1,
+        description="Candidate traffic share per step, in percent: strictly increasing, ending at 100.",
+    )
+    min_step_s: float = Field(300.0, ge=0, description="Seconds a step lasts at least before it may advance.")
+    min_requests: int = Field(
+        100, ge=0, description="Requests the candidate must serve in a step before its checks count.",
+    )
+    interval_s: float = Field(30.0, gt=0, description="Seconds between two evaluations of the checks.")
+    checks: RolloutChecksSpec = Field(default_factory=RolloutChecksSpec, description="Per-step checks.")
+    failure_limit: int = Field(
+        1, ge=1, description="Failed evaluations (over the whole rollout) that roll the candidate back.",
+    )
+    on_low_traffic: Literal["hold", "fail"] = Field(
+        "hold",
+        description="A step that reached min_step_s with too few requests (or no quality score): 'hold' "
+        "waits up to max_hold_s more, then rolls back; 'fail' rolls back at once.",
+    )
+    max_hold_s: float = Field(3600.0, ge=0, description="Longest a step is held for traffic (on_low_traffic: hold).")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 or s > 100 for s in v):
+            raise ValueError(f"each step is a traffic share in percent, above 0 and at most 100 (got {v})")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"steps must be strictly increasing (got {v}), e.g. [10, 50, 100]")
+        if v[-1] != 100:
+            raise ValueError(f"the last step must be 100 (the candidate takes all traffic before promotion); "
+                             f"got {v}, e.g. {[*v, 100.0]}")
+        return v
+
+
 class OnlineInferenceSpec(SpecBase):
     """A served model (``kind: OnlineInference``): ray.serve.llm + vLLM behind raylane's ingress."""
 
@@ -170,6 +256,10 @@ class OnlineInferenceSpec(SpecBase):
         description="Address Serve's proxy binds for `raylane run` (a local run); the rendered Serve "
         "config and RayService bind 0.0.0.0 inside the cluster.",
     )
+    rollout: RolloutSpec | None = Field(
+        None, description="Canary release settings for `raylane rollout start` (see README: Release); "
+        "null = the defaults, releasing the base model.",
+    )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy: `raylane run` and the "
                       "rendered Serve config / RayService.")
 
@@ -207,6 +297,43 @@ class OnlineInferenceSpec(SpecBase):
             problems.append(f"max_tokens_limit ({self.max_tokens_limit}) must be below max_model_len ({self.max_model_len})")
         if ":" in self.served_model_id:
             problems.append("model_id must not contain ':' (it separates the base model from an adapter)")
+        problems += rollout_problems(self, self.rollout) if self.rollout else []
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def release_target(self, rollout: RolloutSpec | None = None) -> tuple[str, str]:
+        """(stable model id, champion ref) of what ``rollout`` releases: the base model or an adapter."""
+        adapter = (rollout or self.rollout or RolloutSpec()).adapter
+        if adapter is None:
+            return self.served_model_id, self.model
+        return f"{self.served_model_id}:{adapter}", self.adapters[adapter]
+
+
+def rollout_problems(spec: OnlineInferenceSpec, rollout: RolloutSpec) -> list[str]:
+    """What keeps ``rollout`` from running on ``spec``: each problem names the field and the fix."""
+    from runtime.registry import REF_RE
+
+    if rollout.adapter is not None and rollout.adapter not in spec.adapters:
+        known = ", ".join(spec.adapters) or "none declared"
+        return [f"rollout.adapter: {rollout.adapter!r} is not a key of 'adapters' ({known}); name one, or "
+                "null to release the base model"]
+    field = f"adapters.{rollout.adapter}" if rollout.adapter else "model"
+    ref = spec.adapters[rollout.adapter] if rollout.adapter else spec.model
+    champion = REF_RE.match(ref)
+    if not champion or not champion["alias"]:
+        return [f"rollout: {field} is {ref!r}; a release moves a registry alias, so {field} must be one, "
+                f"e.g. 'models:/NAME@champion'"]
+    if rollout.candidate is not None:
+        candidate = REF_RE.match(rollout.candidate)
+        if not candidate:
+            return [f"rollout.candidate: {rollout.candidate!r} is not a registry reference; use "
+                    f"models:/{champion['name']}/VERSION or models:/{champion['name']}@ALIAS"]
+        if candidate["name"] != champion["name"]:
+            return [f"rollout.candidate: {rollout.candidate!r} names model {candidate['name']!r} but {field} "
+                    f"is {champion['name']!r}; a candidate is another version of the same registered model "
+                    f"(models:/{champion['name']}/VERSION)"]
+        if candidate["alias"] == champion["alias"]:
+            return [f"rollout.candidate: {rollout.candidate!r} is the champion itself ({field}); name the "
+                    f"new version, e.g. models:/{champion['name']}@challenger"]
+    return []

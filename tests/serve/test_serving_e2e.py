@@ -279,6 +279,78 @@ def test_adapter_routing_changes_output(served):
 
 
 @pytest.mark.timeout(300)
+def test_adapter_canary_rollout_on_the_live_engine(served, tiny_model, tmp_path):
+    """Issue 16 on the module's engine (no new one): a rollout of the 'bot' adapter routes the
+    stable id to the candidate by weight, says which version served, counts each arm, and its
+    promotion reaches the replica through the registry alias."""
+    import dataclasses
+
+    from runtime import release
+    from runtime.registry import Registry
+    from runtime.release.state import RolloutStore
+    from runtime.release.windows import read_windows
+    from runtime.specs.serving import RolloutSpec
+
+    spec, _, c = served
+    root = str(spec.storage.root)
+    registry = Registry(root)
+    v3 = registry.register("e2e-bot", str(make_adapter(tiny_model, tmp_path / "v3", seed=2)), params={},
+                           metrics={}, tags={})
+
+    def complete(stream=False):
+        body = {"model": "tiny:bot", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True, "stream": stream}
+        r = c.post("/v1/completions", headers=auth(OTHER_KEY), json=body)
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            assert chunks and {ch["model"] for ch in chunks} == {"tiny:bot"}
+            return r, "".join(ch["choices"][0]["text"] for ch in chunks)
+        assert r.json()["model"] == "tiny:bot"  # the stable id, whichever arm served
+        return r, r.json()["choices"][0]["text"]
+
+    def until(arm):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r, text = complete()
+            if r.headers.get("x-raylane-arm") == arm:
+                return r, text
+            time.sleep(0.5)
+        raise AssertionError(f"no response from the {arm} arm within 30 s")
+
+    r, champion_text = complete()
+    assert "x-raylane-arm" not in r.headers  # no rollout: nothing routed
+    rollout = RolloutSpec(adapter="bot", steps=[100], min_step_s=0, min_requests=2,
+                          checks={"max_ttft_p95_ratio": None, "max_e2e_p95_ratio": None})
+    st = release.rollout_start(spec.model_copy(update={"rollout": rollout}), candidate=f"models:/e2e-bot/{v3.version}")
+    r, candidate_text = until("candidate")  # the state reaches the replica within seconds
+    assert r.headers["x-raylane-model-version"] == f"models:/e2e-bot/{v3.version}"
+    assert candidate_text != champion_text  # other weights: the candidate adapter really served it
+    assert complete(stream=True)[1] == candidate_text
+    RolloutStore(root).save(dataclasses.replace(st, weight=0.0))  # the same step, all to the champion
+    r, text = until("champion")
+    assert text == champion_text and r.headers["x-raylane-model-version"] == st.champion
+    assert complete()[1] == champion_text  # min_requests 2 on the champion too
+    time.sleep(3)  # the replica flushes its counts every 2 s
+    w = read_windows(root, spec.name, st.rollout_id, 0)
+    assert w["candidate"].requests >= 2 and w["champion"].requests >= 1 and w["candidate"].errors == 0
+    assert w["candidate"].ttft_p95_s is not None
+    st = release.rollout_evaluate(spec.name, w["champion"], w["candidate"], storage_root=root)
+    assert st.state == "promoted", st.reason
+    assert registry.alias("e2e-bot", "champion").version == v3.version
+    r, text = complete()  # just promoted: the candidate keeps the traffic while alias caches move on
+    assert text == candidate_text and r.headers["x-raylane-arm"] == "candidate"
+    time.sleep(6)  # replicas re-resolve the alias every 5 s; then end the grace period early
+    done = release.rollout_status(spec.name, root)
+    RolloutStore(root).save(dataclasses.replace(done, updated_at=done.updated_at - 60))
+    deadline = time.monotonic() + 30
+    while "x-raylane-arm" in r.headers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        r, text = complete()
+    assert "x-raylane-arm" not in r.headers and text == candidate_text  # the alias serves the new champion
+
+
+@pytest.mark.timeout(300)
 def test_engine_metrics_reach_autoscaler_and_prometheus(served, ray_local):
     import ray
     from ray import serve

@@ -1,0 +1,105 @@
+"""The rollout controller: a detached Ray actor that decides a rollout's steps on the cluster.
+
+>>> from runtime.release.controller import start_controller
+>>> start_controller("chat", "/mnt/raylane")            # needs ray.init(address=...) first  # doctest: +SKIP
+
+Every ``interval_s`` it reads the saved state, adds up the replicas' per-arm windows of the
+current step (``runtime.release.windows``), and applies one decision (``rollout_evaluate``):
+the new weight reaches the replicas through the state file, a promotion moves the registry
+alias. It keeps nothing in memory that the state file does not have, so a controller that is
+killed and started again (or restarted by Ray: ``max_restarts=-1``) continues at the saved
+step. It exits once the rollout is promoted, rolled back or aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from runtime.errors import RaylaneError
+
+NAMESPACE = "raylane"
+log = logging.getLogger(__name__)
+
+
+def actor_name(rollout: str) -> str:
+    return f"raylane-rollout-{rollout}"
+
+
+class RolloutController:
+    """The actor class (``ray.remote`` is applied in ``start_controller``, so this module
+    imports without Ray). The loop runs in a thread started by ``__init__``, so a restarted
+    actor resumes on its own."""
+
+    def __init__(self, name: str, storage_root: str):
+        self.name, self.storage_root = name, storage_root
+        self.turns = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"rollout-{name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        from runtime.release import finish, rollout_evaluate, rollout_status
+        from runtime.release.windows import read_windows
+
+        while not self._stop.is_set():
+            try:
+                state = rollout_status(self.name, self.storage_root)
+                if state.done:
+                    finish(state, self.storage_root)  # a predecessor may have died before the registry moved
+                    return
+                windows = read_windows(self.storage_root, state.app, state.rollout_id, state.step)
+                rollout_evaluate(self.name, windows["champion"], windows["candidate"],
+                                 storage_root=self.storage_root)
+                self.turns += 1
+                self.error = None
+                interval = float(state.config.get("interval_s", 30.0))
+            except Exception as e:  # storage or registry hiccup: try again next turn
+                self.error = f"{type(e).__name__}: {e}"
+                log.warning("rollout %s: %s", self.name, self.error)
+                interval = 5.0
+            self._stop.wait(interval)
+
+    def info(self) -> dict:
+        return {"name": self.name, "turns": self.turns, "running": self._thread.is_alive(), "error": self.error}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def start_controller(name: str, storage_root: str):
+    """The controller actor of rollout ``name`` on the connected Ray cluster (the running one
+    if there is one). Refuses rollouts whose checks it cannot gather yet."""
+    import ray
+
+    from runtime.release import rollout_status
+
+    state = rollout_status(name, storage_root)
+    if state.done:
+        raise RaylaneError(f"rollout {name!r} is {state.state}; there is nothing to control")
+    if (state.config.get("checks") or {}).get("quality"):
+        raise RaylaneError(f"rollout {name!r} has checks.quality: the controller does not run the quality "
+                           "probe yet, so every step would stay inconclusive",
+                           hint="drop rollout.checks.quality for now (see README: Release)")
+    if not ray.is_initialized():
+        raise RaylaneError("no Ray cluster connected", hint="ray.init(address=...) or runtime.init_ray(address)")
+    actor = ray.remote(RolloutController).options(
+        name=actor_name(name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, num_cpus=0)
+    handle = actor.remote(name, storage_root)
+    ray.get(handle.info.remote())  # started (or already running)
+    return handle
+
+
+def wait_done(name: str, storage_root: str, timeout_s: float, poll_s: float = 0.5):
+    """The rollout's state once it is over (or at the timeout)."""
+    from runtime.release import rollout_status
+
+    deadline = time.monotonic() + timeout_s
+    state = rollout_status(name, storage_root)
+    while not state.done and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        state = rollout_status(name, storage_root)
+    return state

@@ -1,0 +1,193 @@
+"""The serving side of a canary release: requests naming the stable model id of an adapter under
+rollout go to the champion or the candidate by the rollout's current weight, sticky per client.
+
+An ASGI middleware inside raylane's guard (so requests are authenticated, validated and rate
+limited already), added in one place: ``RaylaneLLMServer.__serve_build_asgi_app__``.
+
+- The rollout state (``runtime.release.state``) is re-read from the storage root at most every
+  ``ttl_s`` (2 s), so a weight change or an abort reaches every replica within seconds.
+- A candidate request is rewritten to ``<model_id>:<adapter>@<version>`` (a LoRA id of its own,
+  loaded from ``models:/NAME/VERSION``; '@' cannot occur in a served id, so a client cannot ask
+  for it directly); a champion request keeps the stable id.
+- The response says which version served it: ``x-raylane-model-version: models:/NAME/VERSION``
+  and ``x-raylane-arm: champion|candidate``.
+- Each arm's requests, errors (5xx), TTFT (first body chunk) and end-to-end time are counted per
+  step and flushed every ``flush_s`` to the storage root (``runtime.release.windows``).
+
+Only adapter rollouts are routed: a base-model candidate needs an engine of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from runtime.release.arms import choose_arm
+from runtime.release.state import RolloutState, RolloutStore
+from runtime.release.windows import ArmRecorder
+
+log = logging.getLogger(__name__)
+STATE_TTL_S = 2.0
+FLUSH_S = 2.0
+# After a promotion, replicas resolve the registry alias anew within ADAPTER_REFRESH_S (5 s);
+# until then the stable id could still reach the old champion, so the candidate keeps serving.
+PROMOTED_GRACE_S = 30.0
+VERSION_HEADER = b"x-raylane-model-version"
+ARM_HEADER = b"x-raylane-arm"
+
+
+def candidate_model_id(state: RolloutState) -> str:
+    """The LoRA id the candidate is served under: ``<stable id>@<version>``."""
+    return f"{state.model_id}@{state.candidate.rsplit('/', 1)[1]}"
+
+
+def candidate_ref(adapter: str, adapters: dict[str, str]) -> str | None:
+    """``models:/NAME/VERSION`` for a candidate adapter name ``<adapter>@<version>`` whose
+    ``adapters[<adapter>]`` is a registry ref of NAME; None for any other name."""
+    from runtime.registry import REF_RE
+
+    base, sep, version = adapter.partition("@")
+    m = REF_RE.match(adapters.get(base, "")) if sep and version.isdigit() else None
+    return f"models:/{m['name']}/{int(version)}" if m else None
+
+
+class RolloutWatch:
+    """The app's progressing rollout, re-read from storage at most every ``ttl_s``."""
+
+    def __init__(self, storage_root: str, app: str, ttl_s: float = STATE_TTL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store, self.app, self.ttl_s, self.clock = RolloutStore(storage_root), app, ttl_s, clock
+        self._at: float | None = None
+        self._state: RolloutState | None = None
+
+    async def current(self) -> RolloutState | None:
+        now = self.clock()
+        if self._at is None or now - self._at >= self.ttl_s:
+            self._at = now
+            try:
+                self._state = await asyncio.to_thread(self.store.get, self.app)
+            except Exception as e:  # storage hiccup: keep serving with what we knew
+                log.warning("rollout %s: cannot read its state (%s); keeping the last one", self.app, e)
+        s = self._state
+        if s is not None and s.state == "promoted" and time.time() - s.updated_at < PROMOTED_GRACE_S:
+            return s  # the candidate keeps all traffic until every replica's alias cache has moved on
+        return s if s is not None and s.state == "progressing" else None
+
+
+def client_id(scope, body: dict) -> str:
+    """Who the client is, for stickiness: its API key's digest, else the body's ``user``, else its address."""
+    for k, v in scope.get("headers", []):
+        if k.lower() == b"authorization":
+            return hashlib.sha256(v.partition(b" ")[2].strip()).hexdigest()[:32]
+    if isinstance(body.get("user"), str) and body["user"]:
+        return "user:" + body["user"]
+    return "addr:" + str((scope.get("client") or ("anonymous", 0))[0])
+
+
+class CanaryRouter:
+    """ASGI middleware; ``ensure(model_id)`` loads an adapter before the app sees the request."""
+
+    def __init__(self, app, *, watch: RolloutWatch, recorder: ArmRecorder,
+                 ensure: Callable[[str], Awaitable[None]] | None = None, flush_s: float = FLUSH_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.app, self.watch, self.recorder, self.ensure = app, watch, recorder, ensure
+        self.flush_s, self.clock = flush_s, clock
+        self._flushed = clock()
+        self._flushing: asyncio.Task | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        state = await self.watch.current()
+        if state is None:
+            return await self.app(scope, receive, send)
+        body = await _read_all(receive)
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or parsed.get("model") != state.model_id:
+            return await self.app(scope, _replay(body, receive), send)
+        arm = choose_arm(client_id(scope, parsed), state.rollout_id, state.step, state.weight)
+        version = state.champion
+        if arm == "candidate":
+            version = state.candidate
+            served = candidate_model_id(state)
+            if self.ensure is not None:
+                await self.ensure(served)
+            body = json.dumps({**parsed, "model": served}).encode()
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+            scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+        await self._serve(scope, _replay(body, receive), send, state, arm, version)
+
+    async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str):
+        start = self.clock()
+        seen = {"status": 500, "ttft": None}
+        # The client named the stable id and reads it back in "model" (vLLM echoes the LoRA id).
+        # Compact JSON, as vLLM's pydantic responses and Starlette's JSONResponse write it.
+        internal = json.dumps({"model": candidate_model_id(state)}, separators=(",", ":"))[1:-1].encode()
+        stable = json.dumps({"model": state.model_id}, separators=(",", ":"))[1:-1].encode()
+
+        async def tagged_send(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if arm == "champion" or k.lower() != b"content-length"]  # the body shrinks
+                message = dict(message, headers=[*headers, (VERSION_HEADER, version.encode()),
+                                                 (ARM_HEADER, arm.encode())])
+            elif message["type"] == "http.response.body":
+                if seen["ttft"] is None and message.get("body"):
+                    seen["ttft"] = self.clock() - start
+                if arm == "candidate" and internal in message.get("body", b""):
+                    message = dict(message, body=message["body"].replace(internal, stable))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tagged_send)
+        finally:
+            ok = seen["status"] < 500
+            self.recorder.record(state.rollout_id, state.step, arm, ok=ok, ttft_s=seen["ttft"],
+                                 e2e_s=self.clock() - start)
+            self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        """Counts reach storage within ``flush_s`` of a request, in one write per replica at a time."""
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(max(0.0, self.flush_s - (self.clock() - self._flushed)))
+        self._flushed = self.clock()
+        try:
+            await asyncio.to_thread(self.recorder.flush)
+        except Exception as e:
+            log.warning("rollout %s: cannot write this replica's arm counts (%s)", self.watch.app, e)
+
+
+async def _read_all(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
