@@ -350,6 +350,10 @@ def test_the_openai_sdk_drives_the_routes(tmp_path):
             final = await s.get_final_response()
         assert types[0] == "response.created" and types[-1] == "response.completed"
         assert final.output_text == "It is 42." and final.id.endswith("_3")
+        raw = [e async for e in await c.responses.create(model="helper", input="4+4?", stream=True,
+                                                         previous_response_id=final.id)]
+        assert raw[-1].type == "response.completed" and raw[-1].response.output_text == "It is 42."
+        assert raw[0].response.id == raw[-1].response.id == final.id[:-1] + "4"
         # store: false runs in a session deleted once the response is complete (quota 2: it needs a place)
         gone = await c.responses.create(model="helper", input="hi", store=False)
         assert gone.status == "completed"
