@@ -433,6 +433,15 @@ def test_responses_api_with_the_openai_sdk(agents):
     stored = sdk.responses.retrieve(final.id)
     assert stored.output_text == final.output_text and [i.id for i in stored.output] == [i.id for i in final.output]
 
+    # max_output_tokens caps the turn (tool_choice required: the first call is a tool call, after it
+    # fewer than 16 tokens are left); store: false deletes the session once the response is made
+    capped = sdk.responses.create(model="main", input="What is 3 * 3?", max_output_tokens=16, store=False)
+    assert capped.status == "incomplete" and capped.incomplete_details.reason == "max_output_tokens", capped
+    assert 0 < capped.usage.output_tokens <= 16 and capped.max_output_tokens == 16
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(capped.id)
+    _error(client.get(f"{url}/sessions/{capped.model_extra['session_id']}"), 404, "not_found_error", "no session")
+
     other = _sdk(url, KEY_B)  # another key: the response ids are not its own
     for attempt in (lambda: other.responses.create(model="main", input="hi", previous_response_id=second.id),
                     lambda: other.responses.retrieve(second.id)):
