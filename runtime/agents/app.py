@@ -6,6 +6,8 @@
     GET    /sessions/{id}               -> messages, steps (one record per step), usage, errors
     DELETE /sessions/{id}               -> {"id": ..., "deleted": true} (frees one of the key's quota)
     GET    /stats                       -> tool success rate, steps, budget breaches (this replica's actors)
+    POST   /v1/responses                OpenAI's Responses API: one session turn (runtime.agents.responses)
+    GET    /v1/responses/{id}           -> that turn as a Response, rebuilt from the session
 
 The guard is the LLM ingress's own middleware (``runtime.serving.guard``): the same
 ``RAYLANE_API_KEYS`` keys, the spec's per-key ``rate_limit``, the body-size cap, request ids and
@@ -22,6 +24,7 @@ import logging
 import re
 from typing import Any
 
+from runtime.agents.responses import ResponsesAPI, check_body
 from runtime.agents.store import check_shared
 from runtime.agents.worker import (
     SESSION_ID_RE,
@@ -30,7 +33,7 @@ from runtime.agents.worker import (
     SessionRouter,
     owner_digest,
 )
-from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter, error_body
+from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter, Routes, error_body
 from runtime.serving.keys import KeySource, load_api_keys, replica_key_env
 
 INGRESS_CPUS = 0.1
@@ -54,7 +57,7 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
 
     rl = spec.rate_limit
     tool_names = [t.name for t in app_config["tools"]] + [n for s in spec.mcp_servers for n in s.tool_names()]
-    validator = request_validator(spec.max_message_chars, tool_names)
+    validator = request_validator(spec.max_message_chars, tool_names, model=spec.name)
     quota = app_config.get("max_sessions_per_key")
 
     class _Guard(GuardMiddleware):
@@ -63,7 +66,7 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
         def __init__(self, app):
             super().__init__(app, keys=KeySource() if auth == "api-key" else None,
                              limiter=RateLimiter(rl.requests_per_minute, rl.burst) if rl else None,
-                             validate_body=validator)
+                             validate_body=validator, routes=ROUTES)
 
     env_vars = {}
     if forward_keys and auth == "api-key":
@@ -79,6 +82,11 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
             exc.status_code, "invalid_request_error")
         return JSONResponse(status_code=exc.status_code, content=json.loads(error_body(
             exc.status_code, str(exc.detail), kind, request.headers.get("x-request-id", ""))))
+
+    @api.exception_handler(HTTPError)  # raised by the /v1/responses routes
+    async def _guard_error(request, exc):
+        return JSONResponse(status_code=exc.status, headers=exc.headers, content=json.loads(error_body(
+            exc.status, exc.message, exc.type, request.headers.get("x-request-id", ""), exc.param)))
 
     def _owner(request) -> str | None:
         # The guard has already checked the key; the session belongs to its digest.
@@ -112,6 +120,7 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
                 load_api_keys()
             check_shared(**app_config["store"])  # SQLite on a multi-node cluster: one file for every node
             self.router = SessionRouter(app_config)
+            self.openai = ResponsesAPI(self.router, model=spec.name, tool_choice=spec.llm.tool_choice, quota=quota)
 
         @api.get("/health")
         async def health(self) -> dict:
@@ -164,14 +173,25 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
         async def stats(self) -> dict:
             return await self.router.stats()
 
+        @api.post("/v1/responses")
+        async def responses_create(self, request: Request):
+            return await self.openai.create(request, _owner(request))
+
+        @api.get("/v1/responses/{response_id}")
+        async def responses_get(self, response_id: str, request: Request) -> dict:
+            return await self.openai.retrieve(response_id, _owner(request))
+
     return AgentIngress.bind(app_config)
 
 
 _SESSIONS = re.compile(r"(?:^|/)sessions/?$")
 _MESSAGES = re.compile(r"(?:^|/)sessions/[^/]*/messages/?$")
+_RESPONSES = re.compile(r"(?:^|/)v1/responses/?$")
+# The guard's route allow-list: anything else is a 404 before any work.
+ROUTES = Routes(["/sessions", "/stats", "/v1/responses"], ["/sessions/", "/v1/responses/"])
 
 
-def request_validator(max_message_chars: int, tool_names: list[str]):
+def request_validator(max_message_chars: int, tool_names: list[str], model: str | None = None):
     """The guard's body check for the agent routes (it runs before the body reaches the app,
     after auth, the rate limit and the size cap).
 
@@ -179,7 +199,9 @@ def request_validator(max_message_chars: int, tool_names: list[str]):
     >>> check("/sessions/abc/messages", {"content": "2+2?"})
     """
     def validate(path: str, body: Any) -> None:
-        if _SESSIONS.search(path):
+        if model is not None and _RESPONSES.search(path):
+            check_body(body, model=model, max_message_chars=max_message_chars, tool_names=tool_names)
+        elif _SESSIONS.search(path):
             body = {} if body is None else body
             if not isinstance(body, dict):
                 raise HTTPError(400, 'body must be a JSON object, e.g. {} or {"allow_tools": ["NAME"]}')

@@ -36,6 +36,9 @@ from runtime.agents.telemetry import AgentMetrics, tracer
 from runtime.agents.tools import Tool
 
 RunTool = Callable[[str, dict], Awaitable[dict]]
+# The fewest output tokens a step's LLM call is given under a turn's max_output_tokens (below
+# this a guided action cannot close its JSON; the turn stops instead).
+MIN_CALL_TOKENS = 16
 
 
 @dataclass
@@ -204,7 +207,13 @@ class AgentLoop:
         self._system = system_message(config)
 
     def prompt(self, session: dict) -> list[dict]:
-        msgs = [{"role": "system", "content": self._system}]
+        system = self._system
+        last_user = next((m for m in reversed(session["messages"]) if m["role"] == "user"), None)
+        if last_user is not None and last_user.get("instructions"):
+            # A caller's per-turn instructions (the Responses API's ``instructions``): in the one
+            # system message (templates differ on a second one), for this turn only.
+            system += f"\n\nInstructions from the caller for this message:\n{last_user['instructions']}"
+        msgs = [{"role": "system", "content": system}]
         for m in session["messages"]:
             if m["role"] == "tool":
                 msgs.append({"role": "user", "content": fence_untrusted(m)})
@@ -213,15 +222,22 @@ class AgentLoop:
                 msgs.append({"role": role, "content": m["content"]})
         return msgs
 
-    async def send(self, session: dict, content: str) -> dict:
+    async def send(self, session: dict, content: str, **options: Any) -> dict:
         """Run one user message to its end; returns the reply record."""
         reply: dict = {}
-        async for event in self.turn(session, content):
+        async for event in self.turn(session, content, **options):
             reply = event
         return reply
 
-    async def turn(self, session: dict, content: str) -> AsyncIterator[dict]:
-        """Yields each step record as it is saved, then the reply record (``type: reply``)."""
+    async def turn(self, session: dict, content: str, *, instructions: str | None = None,
+                   max_output_tokens: int | None = None) -> AsyncIterator[dict]:
+        """Yields each step record as it is saved, then the reply record (``type: reply``).
+
+        ``instructions``: added to the system message for this turn only. ``max_output_tokens``:
+        the turn's LLM output tokens never exceed it (each call's ``max_tokens`` is cut to what is
+        left); the turn stops without an answer (``stopped: max_output_tokens``, the session stays
+        active) when fewer than ``MIN_CALL_TOKENS`` are left.
+        """
         cfg = self.config
         budgets = cfg.budgets
         if session["status"] != "active":
@@ -229,19 +245,29 @@ class AgentLoop:
             return
         session["turn"] += 1
         session["turn_open"] = True
-        session["messages"].append({"role": "user", "content": content, "turn": session["turn"]})
+        message = {"role": "user", "content": content, "turn": session["turn"]}
+        if instructions:
+            message["instructions"] = instructions
+        session["messages"].append(message)
         await self._save(session)
         turn_steps: list[dict] = []
-        answer = None
+        answer = stopped = None
         rounds = 0
         while True:
             breach = _budget_breach(session, budgets)
             if breach:
                 self._end(session, breach)
                 break
+            call_tokens = cfg.max_tokens
+            if max_output_tokens is not None:
+                left = max_output_tokens - sum(s.get("llm", {}).get("tokens_out", 0) for s in turn_steps)
+                if left < MIN_CALL_TOKENS:
+                    stopped = "max_output_tokens"
+                    break
+                call_tokens = min(call_tokens, left)
             allow_tools = bool(cfg.tools) and rounds < cfg.max_tool_rounds
             allow_answer = not (cfg.tool_choice == "required" and rounds == 0 and allow_tools)
-            step = await self._step(session, allow_tools, allow_answer)
+            step = await self._step(session, allow_tools, allow_answer, call_tokens)
             turn_steps.append(step)
             if step["action"] in ("tool", "refused"):
                 rounds += 1
@@ -262,7 +288,10 @@ class AgentLoop:
             session["last_error"] = turn_steps[-1]["error"]
         self.metrics.steps(len(turn_steps))
         await self._save(session)
-        yield self._reply(session, answer, turn_steps)
+        reply = self._reply(session, answer, turn_steps)
+        if stopped:
+            reply["stopped"] = stopped
+        yield reply
 
     async def _save(self, session: dict) -> None:
         # On the event loop on purpose: a write is well under a millisecond, and writes from a
@@ -285,8 +314,9 @@ class AgentLoop:
     def _count_error(session: dict, kind: str) -> None:
         session["errors"][kind] = session["errors"].get(kind, 0) + 1
 
-    async def _step(self, session: dict, allow_tools: bool, allow_answer: bool) -> dict:
+    async def _step(self, session: dict, allow_tools: bool, allow_answer: bool, max_tokens: int | None = None) -> dict:
         cfg, u = self.config, session["usage"]
+        max_tokens = max_tokens or cfg.max_tokens
         t0 = time.perf_counter()
         step: dict[str, Any] = {"n": u["steps"] + 1, "turn": session["turn"], "started": time.time(),
                                 "action": None, "error": None}
@@ -297,12 +327,12 @@ class AgentLoop:
             span.set_attribute("step.n", step["n"])
             llm_s = tool_s = 0.0
             # A character can take up to 4 byte-level tokens: cap the answer so the JSON always closes.
-            answer_chars = max(1, min(cfg.max_answer_chars, (cfg.max_tokens - 16) // 4))
+            answer_chars = max(1, min(cfg.max_answer_chars, (max_tokens - 16) // 4))
             schema = action_schema(cfg.tools, allow_tools, allow_answer, answer_chars) if cfg.guided_json else None
             remaining_wall = max(0.1, cfg.budgets["max_wall_s"] - u["wall_s"])
             with tracer().start_as_current_span("agent.llm") as lspan:
                 try:
-                    r = await self.llm.chat(self.prompt(session), schema=schema, max_tokens=cfg.max_tokens,
+                    r = await self.llm.chat(self.prompt(session), schema=schema, max_tokens=max_tokens,
                                             temperature=cfg.temperature, timeout_s=min(cfg.timeout_s, remaining_wall))
                 except LLMError as e:
                     r = None

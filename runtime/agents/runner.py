@@ -99,7 +99,8 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
     tool_names = [t.name for t in config["tools"]] + [n for s in spec.mcp_servers for n in s.tool_names()]
     tools = ", ".join(tool_names) or "none"
-    _log(f"ready: POST {url}/sessions (auth: {spec.auth}; tools: {tools})", keep=True)
+    _log(f"ready: POST {url}/sessions, or OpenAI Responses at {url}/v1 (model {spec.name!r}; auth: {spec.auth}; "
+         f"tools: {tools})", keep=True)
     store = spec.sessions.url or f"{config['store']['run_dir']}/sessions.db"
     return AgentServeResult(
         spec.name, url, spec.llm.url or f"serve app {llm_app_name(spec)} (model {spec.llm.model})", spec.auth,

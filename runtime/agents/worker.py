@@ -53,6 +53,11 @@ class SessionQuotaExceeded(Exception):
     pass
 
 
+class TurnConflict(Exception):
+    """The session is no longer at the turn the caller continues from (``after_turn``): another
+    request continued it first."""
+
+
 def owner_digest(api_key: str | None) -> str | None:
     """Who owns a session: the sha256 of the API key that created it (keys never reach the store)."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
@@ -156,16 +161,30 @@ class SessionWorkerImpl:
         self._locks.pop(session_id, None)
         return {"id": session_id, "deleted": True}
 
-    async def send(self, session_id: str, content: str, owner: str | None = None) -> dict:
+    async def send(self, session_id: str, content: str, owner: str | None = None,
+                   options: dict | None = None) -> dict:
+        """``options``: ``AgentLoop.turn``'s keywords (``instructions``, ``max_output_tokens``), and
+        ``after_turn``: run only if the session is at that turn (else ``TurnConflict``)."""
         loop = await self._loop()
+        options = dict(options or {})
+        after = options.pop("after_turn", None)
         async with self._locks[session_id]:
-            return await loop.send(self._load(session_id, owner), content)
+            return await loop.send(self._at(self._load(session_id, owner), after), content, **options)
 
-    async def send_stream(self, session_id: str, content: str, owner: str | None = None) -> AsyncIterator[dict]:
+    async def send_stream(self, session_id: str, content: str, owner: str | None = None,
+                          options: dict | None = None) -> AsyncIterator[dict]:
         loop = await self._loop()
+        options = dict(options or {})
+        after = options.pop("after_turn", None)
         async with self._locks[session_id]:
-            async for event in loop.turn(self._load(session_id, owner), content):
+            async for event in loop.turn(self._at(self._load(session_id, owner), after), content, **options):
                 yield event
+
+    @staticmethod
+    def _at(session: dict, after_turn: int | None) -> dict:
+        if after_turn is not None and session["turn"] != after_turn:
+            raise TurnConflict(f"session {session['id']} is at turn {session['turn']}, not {after_turn}")
+        return session
 
     def stats(self) -> dict:
         return self.metrics.snapshot()
@@ -225,7 +244,8 @@ class SessionRouter:
     async def delete(self, session_id: str, owner: str | None = None) -> dict:
         return await self._call(session_id, "delete", session_id, owner)
 
-    async def send(self, session_id: str, content: str, owner: str | None = None) -> dict:
+    async def send(self, session_id: str, content: str, owner: str | None = None,
+                   options: dict | None = None) -> dict:
         # A send is retried only when the actor was already dead before it started the turn
         # (nothing appended): Ray raises ActorDiedError before running the method then too, so
         # we check the session store to tell the cases apart instead of risking a duplicate turn.
@@ -233,17 +253,19 @@ class SessionRouter:
 
         before = await self._call(session_id, "get", session_id, owner)
         try:
-            return await self.worker(session_id).send.remote(session_id, content, owner)
+            return await self.worker(session_id).send.remote(session_id, content, owner, options)
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             self._handles.pop(self.index(session_id), None)
             after = await self._call(session_id, "get", session_id, owner)
             if after["turn"] == before["turn"]:
-                return await self.worker(session_id).send.remote(session_id, content, owner)
+                return await self.worker(session_id).send.remote(session_id, content, owner, options)
             raise
 
-    async def send_stream(self, session_id: str, content: str, owner: str | None = None) -> AsyncIterator[dict]:
+    async def send_stream(self, session_id: str, content: str, owner: str | None = None,
+                          options: dict | None = None) -> AsyncIterator[dict]:
         await self._call(session_id, "get", session_id, owner)  # a missing session fails before streaming
-        gen = self.worker(session_id).send_stream.options(num_returns="streaming").remote(session_id, content, owner)
+        gen = self.worker(session_id).send_stream.options(num_returns="streaming").remote(session_id, content, owner,
+                                                                                          options)
         async for ref in gen:
             yield await ref
 

@@ -383,6 +383,85 @@ def test_mcp_tools_from_a_stdio_server_beside_each_session_actor(agents, storage
     assert sum(v for k, v in stats.items() if k.startswith("tool_calls:mcp__") and k.endswith(":ok")) >= 2
 
 
+def _sdk(url: str, key: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.mark.timeout(900)
+def test_responses_api_with_the_openai_sdk(agents):
+    """POST /v1/responses from the official openai SDK: a session turn per response, continued by
+    previous_response_id, streamed, owned by its key, with the guard's body checks."""
+    import openai
+
+    from runtime.agents.tools import calculator
+
+    _, results, client = agents
+    url = results["main"].url
+    sdk = _sdk(url, KEY)
+    t0 = time.monotonic()
+    first = sdk.responses.create(model="main", input="What is 6 * 7?")
+    assert first.status == "completed" and first.output_text, first
+    assert [i.type for i in first.output] == ["function_call", "function_call_output"] * 2 + ["message"]
+    for call, out in (first.output[0:2], first.output[2:4]):  # the tools ran on the server
+        assert call.name == "calculator" and out.call_id == call.call_id
+        assert out.output == calculator(**json.loads(call.arguments))
+    assert first.usage.input_tokens > 0 and first.usage.output_tokens > 0
+    assert first.usage.total_tokens == first.usage.input_tokens + first.usage.output_tokens
+    sid = first.model_extra["session_id"]
+    assert first.id == f"resp_{sid}_1"
+
+    second = sdk.responses.create(model="main", input="And 7 * 8?", previous_response_id=first.id,
+                                  instructions="Answer with the number only.")
+    assert second.status == "completed" and second.previous_response_id == first.id and second.id == f"resp_{sid}_2"
+    history = client.get(f"{url}/sessions/{sid}").json()  # one session: the agent saw the earlier turn
+    assert history["turn"] == 2
+    assert [m["content"] for m in history["messages"] if m["role"] == "user"] == ["What is 6 * 7?", "And 7 * 8?"]
+    turn1, turn2 = ([s for s in history["steps"] if s["turn"] == t] for t in (1, 2))
+    assert turn2[0]["llm"]["tokens_in"] > turn1[-1]["llm"]["tokens_in"]  # its prompt held all of turn 1
+    assert sum(s["llm"]["tokens_in"] for s in turn2) == second.usage.input_tokens
+
+    # A new conversation, streamed (a third turn of the first would pass the tiny model's 2048-token context)
+    with sdk.responses.stream(model="main", input="What is 2+2?") as stream:
+        events = list(stream)
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.completed", events[-1]
+    assert types.count("response.output_item.done") == 5 and "response.output_text.delta" in types
+    final = stream.get_final_response()
+    assert final.output_text and final.id.endswith("_1") and final.id != first.id
+    stored = sdk.responses.retrieve(final.id)
+    assert stored.output_text == final.output_text and [i.id for i in stored.output] == [i.id for i in final.output]
+
+    # max_output_tokens caps the turn (tool_choice required: the first call is a tool call, after it
+    # fewer than 16 tokens are left); store: false deletes the session once the response is made
+    capped = sdk.responses.create(model="main", input="What is 3 * 3?", max_output_tokens=16, store=False)
+    assert capped.status == "incomplete" and capped.incomplete_details.reason == "max_output_tokens", capped
+    assert 0 < capped.usage.output_tokens <= 16 and capped.max_output_tokens == 16
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(capped.id)
+    _error(client.get(f"{url}/sessions/{capped.model_extra['session_id']}"), 404, "not_found_error", "no session")
+
+    other = _sdk(url, KEY_B)  # another key: the response ids are not its own
+    for attempt in (lambda: other.responses.create(model="main", input="hi", previous_response_id=second.id),
+                    lambda: other.responses.retrieve(second.id)):
+        with pytest.raises(openai.NotFoundError, match="no response"):
+            attempt()
+    with pytest.raises(openai.BadRequestError, match="not the latest response") as e:
+        sdk.responses.create(model="main", input="fork", previous_response_id=first.id)
+    with pytest.raises(openai.BadRequestError, match="unknown or unsupported field") as e:
+        sdk.responses.create(model="main", input="hi", temperature=0.2)
+    assert e.value.body["param"] == "temperature" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError, match="serves the agent 'main'"):
+        sdk.responses.create(model="gpt-4o", input="hi")
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(url, "wrong").responses.create(model="main", input="hi")
+    assert client.get(f"{url}/sessions/{sid}").json()["turn"] == 2  # none of those reached the session
+    for done in (sid, final.model_extra["session_id"]):
+        assert client.delete(f"{url}/sessions/{done}").status_code == 200
+    print(f"responses e2e: {time.monotonic() - t0:.1f} s")
+
+
 @pytest.mark.timeout(300)
 def test_an_mcp_tool_the_server_lacks_fails_the_agents_start(vllm_url, storage_root, ray_local):
     from runtime.agents.runner import prepare_app_config, warm_workers
