@@ -29,8 +29,9 @@ from runtime.agents.worker import (
     SessionRouter,
     owner_digest,
 )
-from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter, error_body
+from runtime.serving.guard import GuardMiddleware, HTTPError, error_body
 from runtime.serving.keys import KeySource, load_api_keys, replica_key_env
+from runtime.serving.ratelimit import limiter_for
 
 INGRESS_CPUS = 0.1
 
@@ -61,7 +62,7 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
         # A validator also switches on the guard's body-size cap (413).
         def __init__(self, app):
             super().__init__(app, keys=KeySource() if auth == "api-key" else None,
-                             limiter=RateLimiter(rl.requests_per_minute, rl.burst) if rl else None,
+                             limiter=limiter_for(rl, f"agent-{spec.name}"),
                              validate_body=validator)
 
     env_vars = {}

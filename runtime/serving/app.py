@@ -33,8 +33,9 @@ from runtime.errors import RaylaneError
 from runtime.models import resolve_model
 from runtime.serving import config as cfg
 from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
-from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter
+from runtime.serving.guard import GuardMiddleware, HTTPError
 from runtime.serving.keys import KeySource, key_source_warnings, load_api_keys, replica_key_env
+from runtime.serving.ratelimit import limiter_for
 from runtime.serving.streaming import first_then_batched
 from runtime.serving.validation import RequestLimits, request_validator, served_routes
 from runtime.specs import dump_spec, parse_spec
@@ -209,10 +210,9 @@ class RaylaneGuard(GuardMiddleware):
     so keys are read from that process's environment or keys file, never shipped in config."""
 
     def __init__(self, app, spec, prepare=None, unavailable=None):
-        rl = spec.rate_limit
         super().__init__(
             app, keys=KeySource() if spec.auth == "api-key" else None,
-            limiter=RateLimiter(rl.requests_per_minute, rl.burst) if rl else None,
+            limiter=limiter_for(spec.rate_limit, spec.name),
             validate_body=request_validator(spec), prepare=prepare, unavailable=unavailable,
             routes=served_routes(spec), trusted_proxy_hops=spec.trusted_proxy_hops)
 
