@@ -179,6 +179,9 @@ def test_spec_store_fields():
     assert isinstance(limiter_for(parse_spec({**base, "rate_limit": {"store": "replica"}}).rate_limit, "chat"),
                       RateLimiter)
     assert limiter_for(None, "chat") is None
+    default = limiter_for(spec.rate_limit, "chat")  # what every replica's guard gets by default
+    assert isinstance(default, SharedRateLimiter) and default.store.name == "raylane-ratelimit-chat"
+    assert (default.requests_per_minute, default.burst, default.lease) == (600, 60, 10)
 
 
 @pytest.mark.anyio
