@@ -17,6 +17,7 @@ serves any session.
 """
 
 
+import asyncio
 import json
 import logging
 import re
@@ -57,12 +58,21 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
     validator = request_validator(spec.max_message_chars, tool_names)
     quota = app_config.get("max_sessions_per_key")
 
+    def _agent_limiter():
+        limiter = limiter_for(rl, f"agent-{spec.name}")
+        if hasattr(limiter, "start"):  # reach the shared store now, not on the first request's budget
+            try:
+                asyncio.get_running_loop().create_task(limiter.start())
+            except RuntimeError:  # built outside an event loop: the first lease reaches it
+                pass
+        return limiter
+
     class _Guard(GuardMiddleware):
         # Built inside the replica: keys come from the replica's environment (a mounted secret).
         # A validator also switches on the guard's body-size cap (413).
         def __init__(self, app):
             super().__init__(app, keys=KeySource() if auth == "api-key" else None,
-                             limiter=limiter_for(rl, f"agent-{spec.name}"),
+                             limiter=_agent_limiter(),
                              validate_body=validator)
 
     env_vars = {}

@@ -146,13 +146,18 @@ class RaylaneLLMServer(LLMServer):
         self._lora_lock = asyncio.Lock()
         if self._resolver:
             kwargs["model_downloader"] = functools.partial(AdapterLoader, self._resolver)
+        # One limiter per replica; its shared store is reached while the engine loads.
+        self._limiter = limiter_for(self._spec.rate_limit, self._spec.name)
+        store_ready = asyncio.ensure_future(self._limiter.start()) if hasattr(self._limiter, "start") else None
         await super().__init__(llm_config, **kwargs)
+        if store_ready is not None:
+            await store_ready
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
         # Added last, so outermost: auth and rate limit run before anything parses the body.
         _add_middleware_to_built_app(app, RaylaneGuard, spec=self._spec, prepare=self._prepare_request,
-                                     unavailable=self._engine_dead)
+                                     unavailable=self._engine_dead, limiter=self._limiter)
         return app
 
     def _engine_dead(self) -> bool:
@@ -246,10 +251,10 @@ class RaylaneGuard(GuardMiddleware):
     """``GuardMiddleware`` configured from an ``OnlineInferenceSpec``; built inside the replica,
     so keys are read from that process's environment or keys file, never shipped in config."""
 
-    def __init__(self, app, spec, prepare=None, unavailable=None):
+    def __init__(self, app, spec, prepare=None, unavailable=None, limiter=None):
         super().__init__(
             app, keys=KeySource() if spec.auth == "api-key" else None,
-            limiter=limiter_for(spec.rate_limit, spec.name),
+            limiter=limiter if limiter is not None else limiter_for(spec.rate_limit, spec.name),
             validate_body=request_validator(spec), prepare=prepare, unavailable=unavailable,
             routes=served_routes(spec), trusted_proxy_hops=spec.trusted_proxy_hops)
 

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve.raylane.health")  # in the replica's log
 
 # No engine step for this long: probe. Serve's check runs every 10 s (config.HEALTH_CHECK_PERIOD_S).
 PROGRESS_WINDOW_S = 10.0

@@ -36,7 +36,8 @@ from typing import Any, Protocol
 
 from runtime.serving.guard import RateLimiter
 
-log = logging.getLogger(__name__)
+# Under "ray.serve" so the warning lands in the replica's log (Serve's handlers), not a worker's stderr.
+log = logging.getLogger("ray.serve.raylane.ratelimit")
 
 # A replica keeps leased tokens this long, then returns what is left with its next lease.
 LEASE_TTL_S = 1.0
@@ -92,6 +93,13 @@ class ActorStore:
                 resources={"node:__internal_head__": 0.001}, max_restarts=-1, max_task_retries=0,
             ).remote()
         return self._handle
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Create (or find) the actor and wait until it answers: a replica calls this while it
+        starts, so its first requests do not wait for an actor process to start (they would fail
+        open instead)."""
+        handle = await asyncio.to_thread(self._actor)
+        await asyncio.wait_for(handle.lease.remote("", 0, 0, 60.0, 1), timeout_s)
 
     async def lease(self, bucket, want, returned, requests_per_minute, burst):
         handle = self._handle or await asyncio.to_thread(self._actor)
@@ -155,6 +163,18 @@ class SharedRateLimiter:
         self._pending: dict[str, asyncio.Future] = {}  # bucket -> the lease under way
         self._down_until = 0.0
         self.store_calls = 0
+
+    async def start(self) -> None:
+        """Reach the store before the first request (``ActorStore.start``); a failure is logged and
+        requests fail open until the store answers."""
+        start = getattr(self.store, "start", None)
+        if start is None:
+            return
+        try:
+            await start()
+        except Exception as e:
+            log.warning("rate-limit store not reachable at start (%s: %s); requests fail open until it is",
+                        type(e).__name__, e)
 
     @staticmethod
     def bucket(key: str) -> str:

@@ -126,7 +126,7 @@ async def test_store_unreachable_fails_open_to_a_per_replica_bucket(caplog):
     clock = Clock()
     store = MemoryStore(clock, fail=True)
     limiter = SharedRateLimiter(store, 60, 3, clock=clock, retry_s=5.0)
-    with caplog.at_level(logging.WARNING, logger="runtime.serving.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="ray.serve.raylane.ratelimit"):
         waits = [await limiter.acquire("k") for _ in range(5)]
     assert waits[:3] == [0.0] * 3 and all(w > 0 for w in waits[3:])  # the replica's own bucket still limits
     assert store.calls == 1 and "fail open" in caplog.text  # one warning, no store call per request
@@ -196,3 +196,21 @@ async def test_redis_store_shares_the_bucket_and_never_stores_the_key(redis_url)
     assert keys == [f"raylane:ratelimit:rl-test:{a.bucket('secret-key')}"] and "secret-key" not in keys[0]
     granted, wait = await stores[0].lease(a.bucket("secret-key"), 1, 0, 60, 6)
     assert granted == 0 and 0 < wait <= 1.0
+
+
+@pytest.mark.anyio
+async def test_start_reaches_the_store_before_requests_and_logs_a_failure(caplog):
+    clock = Clock()
+    started = []
+
+    class Store(MemoryStore):
+        async def start(self):
+            started.append(True)
+            if self.fail:
+                raise TimeoutError("no actor")
+
+    await SharedRateLimiter(Store(clock), 60, 3, clock=clock).start()
+    assert started == [True]
+    with caplog.at_level(logging.WARNING, logger="ray.serve.raylane.ratelimit"):
+        await SharedRateLimiter(Store(clock, fail=True), 60, 3, clock=clock).start()  # logged, not raised
+    assert "not reachable at start" in caplog.text

@@ -37,7 +37,7 @@ def local_cluster_nodes():
 
 
 @pytest.fixture(scope="module")
-def served(local_cluster, tiny_model, storage_root):
+def served(local_cluster, tiny_model, storage_root, tmp_path_factory):
     from ray import serve
 
     from runtime.ray_env import shutdown_ray
@@ -45,8 +45,13 @@ def served(local_cluster, tiny_model, storage_root):
     from runtime.specs import parse_spec
 
     saved = {k: os.environ.get(k) for k in ("RAYLANE_API_KEYS", "RAYLANE_API_KEYS_FILE")}
-    os.environ["RAYLANE_API_KEYS"] = ",".join([*KEYS, LIMITED])
-    os.environ.pop("RAYLANE_API_KEYS_FILE", None)
+    # A multi-node cluster never gets key values from the driver: the nodes read a keys file that
+    # each of them has (here the same machine's; on a cluster a mounted secret).
+    keys_file = tmp_path_factory.mktemp("keys") / "keys"
+    keys_file.write_text("\n".join([*KEYS, LIMITED]) + "\n")
+    keys_file.chmod(0o600)
+    os.environ["RAYLANE_API_KEYS_FILE"] = str(keys_file)
+    os.environ.pop("RAYLANE_API_KEYS", None)
     spec = parse_spec({
         "kind": "OnlineInference", "name": "mn-chat", "model": str(tiny_model), "model_id": "tiny",
         "max_model_len": 256, "max_num_seqs": 8, "storage": {"root": str(storage_root)},
