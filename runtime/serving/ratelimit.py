@@ -91,6 +91,8 @@ class ActorStore:
                 name=self.name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
                 # The head node: it lives as long as the cluster (a worker node may go any time).
                 resources={"node:__internal_head__": 0.001}, max_restarts=-1, max_task_retries=0,
+                # Not in the creating replica's placement group (Ray would capture it there).
+                scheduling_strategy="DEFAULT",
             ).remote()
         return self._handle
 

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.multinode]
 CLIENTS = 4
 KEYS = [f"mn-client-{i}" for i in range(CLIENTS)]
 LIMITED = "mn-limited"
-RPM, BURST = 120, 20  # per key: 2 requests/s; a client sending one request at a time stays under it
+RPM, BURST = 300, 20  # per key: 5 requests/s; a client sending one request at a time stays under it
 HANG_S = 60  # a request that takes longer than this counts as a hang
 
 
@@ -126,7 +126,7 @@ class Load:
             if outcome != "ok":
                 time.sleep(0.5)  # a real client backs off (Retry-After: 1)
             else:
-                time.sleep(0.2)
+                time.sleep(0.3)
 
     def __enter__(self):
         for t in self._threads:
