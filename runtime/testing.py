@@ -93,11 +93,24 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+_handed_out: set[int] = set()
+
+
+def _unused_port() -> int:
+    """A free port no other node of this process's clusters got: HAProxy binds it only once Serve
+    starts, so a port that is free now may already belong to another node."""
+    while True:
+        port = free_port("")
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
 def _node_env(spec: NodeSpec | None) -> dict[str, str]:
     """The environment a node's raylet (and every worker it starts) inherits."""
     env = {k: v for k, v in SERVE_CLUSTER_ENV.items() if k not in os.environ}
     # Every node runs Serve's HAProxy; two on one machine cannot share its fixed listener ports.
-    env.update({k: str(free_port("")) for k in HAPROXY_PORT_ENV})
+    env.update({k: str(_unused_port()) for k in HAPROXY_PORT_ENV})
     env.update(spec.env if spec else {})
     return env
 

@@ -19,6 +19,7 @@ serves any session.
 """
 
 
+import asyncio
 import json
 import logging
 import re
@@ -33,8 +34,9 @@ from runtime.agents.worker import (
     SessionRouter,
     owner_digest,
 )
-from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter, Routes, error_body
+from runtime.serving.guard import GuardMiddleware, HTTPError, Routes, error_body
 from runtime.serving.keys import KeySource, load_api_keys, replica_key_env
+from runtime.serving.ratelimit import limiter_for
 
 INGRESS_CPUS = 0.1
 
@@ -60,12 +62,21 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
     validator = request_validator(spec.max_message_chars, tool_names, model=spec.name)
     quota = app_config.get("max_sessions_per_key")
 
+    def _agent_limiter():
+        limiter = limiter_for(rl, f"agent-{spec.name}")
+        if hasattr(limiter, "start"):  # reach the shared store now, not on the first request's budget
+            try:
+                asyncio.get_running_loop().create_task(limiter.start())
+            except RuntimeError:  # built outside an event loop: the first lease reaches it
+                pass
+        return limiter
+
     class _Guard(GuardMiddleware):
         # Built inside the replica: keys come from the replica's environment (a mounted secret).
         # A validator also switches on the guard's body-size cap (413).
         def __init__(self, app):
             super().__init__(app, keys=KeySource() if auth == "api-key" else None,
-                             limiter=RateLimiter(rl.requests_per_minute, rl.burst) if rl else None,
+                             limiter=_agent_limiter(),
                              validate_body=validator, routes=ROUTES)
 
     env_vars = {}

@@ -24,6 +24,7 @@ from runtime.log import logger
 from runtime.ray_env import init_ray
 from runtime.serving.deploy import deploy, free_port, serve_until_interrupted
 from runtime.serving.keys import load_api_keys
+from runtime.serving.runner import serving_host
 
 
 @dataclass
@@ -87,6 +88,7 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     if spec.auth == "api-key":
         load_api_keys()  # fail before starting anything
     info = init_ray(address)
+    host, url_host = serving_host(host, address, spec.auth)
     t0 = time.perf_counter()
     port = spec.port if port is None else (port or free_port(host))
     config = prepare_app_config(spec)
@@ -96,7 +98,7 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     apps = deploy(serve_config, host=host, port=port, timeout_s=timeout_s)
     router = SessionRouter(config)
     warm_workers(router)
-    url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
+    url = f"http://{url_host}:{port}{spec.route_prefix.rstrip('/')}"
     tool_names = [t.name for t in config["tools"]] + [n for s in spec.mcp_servers for n in s.tool_names()]
     tools = ", ".join(tool_names) or "none"
     _log(f"ready: POST {url}/sessions, or OpenAI Responses at {url}/v1 (model {spec.name!r}; auth: {spec.auth}; "

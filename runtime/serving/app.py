@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,10 @@ from runtime.models import resolve_model
 from runtime.serving import canary
 from runtime.serving import config as cfg
 from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
-from runtime.serving.guard import GuardMiddleware, HTTPError, RateLimiter
+from runtime.serving.guard import GuardMiddleware, HTTPError
+from runtime.serving.health import StallDetector
 from runtime.serving.keys import KeySource, key_source_warnings, load_api_keys, replica_key_env
+from runtime.serving.ratelimit import limiter_for
 from runtime.serving.streaming import first_then_batched
 from runtime.serving.validation import RequestLimits, request_validator, served_routes
 from runtime.specs import dump_spec, parse_spec
@@ -51,8 +55,10 @@ class EngineStats:
         self.waiting = 0
         self.running = 0
         self.kv_usage = 0.0
+        self.last_step = time.monotonic()  # the engine's progress, for the stall probe
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        self.last_step = time.monotonic()
         if scheduler_stats is not None:
             self.waiting = scheduler_stats.num_waiting_reqs
             self.running = scheduler_stats.num_running_reqs
@@ -142,7 +148,12 @@ class RaylaneLLMServer(LLMServer):
         self._lora_lock = asyncio.Lock()
         if self._resolver:
             kwargs["model_downloader"] = functools.partial(AdapterLoader, self._resolver)
+        # One limiter per replica; its shared store is reached while the engine loads.
+        self._limiter = limiter_for(self._spec.rate_limit, self._spec.name)
+        store_ready = asyncio.ensure_future(self._limiter.start()) if hasattr(self._limiter, "start") else None
         await super().__init__(llm_config, **kwargs)
+        if store_ready is not None:
+            await store_ready
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
@@ -152,14 +163,44 @@ class RaylaneLLMServer(LLMServer):
                 recorder=canary.ArmRecorder(self._storage_root, self._spec.name), ensure=self._ensure_adapter)
         # Added last, so outermost: auth and rate limit run before anything parses the body.
         _add_middleware_to_built_app(app, RaylaneGuard, spec=self._spec, prepare=self._prepare_request,
-                                     unavailable=self._engine_dead)
+                                     unavailable=self._engine_dead, limiter=self._limiter)
         return app
 
     def _engine_dead(self) -> bool:
-        """vLLM's engine process is gone (OOM kill, crash): this replica can only fail until Serve's
-        health check replaces it, so its requests get 503 "retry" at once."""
+        """vLLM's engine process is gone (OOM kill, crash) or stalled: this replica can only fail
+        until Serve's health check replaces it, so its requests get 503 "retry" at once."""
         client = getattr(self.engine, "_engine_client", None)
-        return bool(getattr(client, "errored", False))
+        stall = getattr(self, "_stall", None)
+        return bool(getattr(client, "errored", False)) or bool(stall and stall.stalled)
+
+    async def check_health(self) -> None:
+        """vLLM's own check (the engine process is up), then progress: an engine that took no step
+        lately must answer a one-token request (``runtime.serving.health``)."""
+        await super().check_health()
+        stall = getattr(self, "_stall", None)
+        if stall is not None:
+            await stall.check()
+
+    async def _probe_engine(self) -> None:
+        from vllm import SamplingParams
+
+        client = self.engine._engine_client
+        async for _ in client.generate("ping", SamplingParams(max_tokens=1), request_id=f"raylane-health-{uuid.uuid4().hex}"):
+            pass
+
+    def _stop_stalled_engine(self) -> None:
+        """SIGKILL the stuck engine process (and its workers): vLLM then fails the requests in
+        flight on it (503 "retry" through the guard) instead of leaving them hanging."""
+        import psutil
+
+        me = psutil.Process()
+        for p in me.children(recursive=True):
+            try:
+                if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                    for q in [*p.children(recursive=True), p]:
+                        q.kill()
+            except psutil.Error:
+                pass
 
     async def _prepare_request(self, path: str, body: Any) -> None:
         """Load the adapter a request names (``model="base:adapter"``) before vLLM sees it."""
@@ -200,6 +241,8 @@ class RaylaneLLMServer(LLMServer):
         if manager is not None:
             # vLLM's AsyncLLM has no add_logger yet; its manager fans record() out to this list.
             manager.stat_loggers.append(self._stats)
+            self._stall = StallDetector(self._probe_engine, lambda: self._stats.last_step,
+                                        self._stop_stalled_engine)
 
     def _batch_output_stream(self, generator):
         # Deployment-handle callers (not HTTP): first chunk at once, the rest batched.
@@ -214,11 +257,10 @@ class RaylaneGuard(GuardMiddleware):
     """``GuardMiddleware`` configured from an ``OnlineInferenceSpec``; built inside the replica,
     so keys are read from that process's environment or keys file, never shipped in config."""
 
-    def __init__(self, app, spec, prepare=None, unavailable=None):
-        rl = spec.rate_limit
+    def __init__(self, app, spec, prepare=None, unavailable=None, limiter=None):
         super().__init__(
             app, keys=KeySource() if spec.auth == "api-key" else None,
-            limiter=RateLimiter(rl.requests_per_minute, rl.burst) if rl else None,
+            limiter=limiter if limiter is not None else limiter_for(spec.rate_limit, spec.name),
             validate_body=request_validator(spec), prepare=prepare, unavailable=unavailable,
             routes=served_routes(spec), trusted_proxy_hops=spec.trusted_proxy_hops)
 

@@ -24,6 +24,34 @@ from runtime.ray_env import free_port  # noqa: F401  (the runners and tests impo
 _log = logger("serve")
 
 
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+ALL_INTERFACES = "0.0.0.0"
+
+
+def bind_host(host: str, *, remote: bool, nodes: int, auth: str) -> tuple[str, str | None]:
+    """Where Serve's HTTP listens for a run on a cluster, and a note saying why when that is not
+    ``host``. Under HAProxy every node's proxy forwards to replicas' own HTTP ports, which bind this
+    host: on loopback a replica on another node is unreachable. So a loopback ``host`` becomes
+    0.0.0.0 when the cluster has more than one node or is remote (``--address``: it may grow)."""
+    if host not in LOOPBACK or (not remote and nodes <= 1):
+        return host, None
+    why = f"the cluster has {nodes} nodes" if nodes > 1 else "the cluster is remote (--address) and may add nodes"
+    note = (f"binding Serve's HTTP on {ALL_INTERFACES}, not {host}: {why}, and HAProxy on each node must reach "
+            "replicas on the others")
+    note += ("; auth stays on (the guard checks keys on every route)" if auth == "api-key" else
+             "; auth is none: the endpoint is open to anyone who reaches a node (set auth: api-key)")
+    return ALL_INTERFACES, note
+
+
+def cluster_shape() -> tuple[int, str | None]:
+    """(alive nodes, the head node's IP) of the connected cluster."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    head = next((n for n in alive if "node:__internal_head__" in n.get("Resources", {})), None)
+    return len(alive), (head or {}).get("NodeManagerAddress")
+
+
 def deploy(config: dict[str, Any], *, host: str, port: int, timeout_s: float = 900.0) -> list[str]:
     """Start Serve's proxy on ``host:port`` and deploy every application of ``config`` (a Serve
     config dict); returns their names once each is RUNNING. A failed deploy is one RaylaneError."""

@@ -70,17 +70,20 @@ class RateLimiter:
 
     def acquire(self, key: str) -> float:
         """0 if the request may go now, else the seconds until it may (for Retry-After)."""
+        return self.take(key)[1]
+
+    def take(self, key: str, want: int = 1, returned: int = 0) -> tuple[int, float]:
+        """Up to ``want`` whole tokens at once, after adding back ``returned`` unused ones (a
+        replica's lease, ``runtime.serving.ratelimit``): (granted, 0) or (0, seconds to wait)."""
         now = self.clock()
-        tokens = self._tokens(key, now)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            wait = (1.0 - tokens) / self._rate
+        tokens = min(float(self.burst), self._tokens(key, now) + returned)
+        granted = min(want, int(tokens))
+        tokens -= granted
+        wait = 0.0 if granted else (1.0 - tokens) / self._rate
         self._buckets[key] = (tokens, now)
         self._buckets.move_to_end(key)
         self._evict(now)
-        return wait
+        return granted, wait
 
     def _evict(self, now: float) -> None:
         for _ in range(2):  # amortised: the oldest two per call, so idle buckets never pile up
@@ -264,7 +267,7 @@ class GuardMiddleware:
             request_id, stamp = os.urandom(16).hex(), True
             scope = dict(scope, headers=[*[(k, v) for k, v in raw_headers if k.lower() != REQUEST_ID_HEADER],
                                          (REQUEST_ID_HEADER, request_id.encode())])
-        err = self._check(scope, headers)
+        err = await self._check(scope, headers)
         if kind == "websocket":
             if err is not None:
                 # Before accept, a close is an HTTP 403 to the client; 1008 = policy violation.
@@ -304,7 +307,7 @@ class GuardMiddleware:
 
         await self._call_app(scope, receive, send, request_id, stamp)
 
-    def _check(self, scope, headers: dict[bytes, bytes]) -> HTTPError | None:
+    async def _check(self, scope, headers: dict[bytes, bytes]) -> HTTPError | None:
         """Auth, routes, rate limit, backend health: the refusal, or None to go on."""
         path = _route_path(scope)
         if path in OPEN_PATHS:
@@ -329,6 +332,8 @@ class GuardMiddleware:
             return HTTPError(404, f"route {path[:200]} is not served by this endpoint", "not_found_error")
         if self.limiter is not None:
             wait = self.limiter.acquire(key or _client_of(scope, headers, self.hops))
+            if not isinstance(wait, float):  # a shared limiter (runtime.serving.ratelimit) awaits its store
+                wait = await wait
             if wait > 0:
                 retry = max(1, math.ceil(wait))
                 return HTTPError(429, f"rate limit exceeded for this API key; retry after {retry} s",

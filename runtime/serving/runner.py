@@ -15,8 +15,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from runtime.log import logger
-from runtime.ray_env import init_ray
-from runtime.serving.deploy import deploy, free_port, serve_until_interrupted
+from runtime.ray_env import init_ray, resolve_address
+from runtime.serving.deploy import (
+    ALL_INTERFACES,
+    bind_host,
+    cluster_shape,
+    deploy,
+    free_port,
+    serve_until_interrupted,
+)
 from runtime.serving.keys import load_api_keys
 
 
@@ -51,18 +58,29 @@ def start_serving(spec, *, address: str | None = None, port: int | None = None, 
     """
     if spec.auth == "api-key":
         load_api_keys()  # refuse before starting anything: an api-key endpoint never serves openly
-    host = host or spec.host
-    port = spec.port if port is None else (port or free_port(host))
     info = init_ray(address)
+    host, url_host = serving_host(host or spec.host, address, spec.auth)
+    port = spec.port if port is None else (port or free_port(host))
     t0 = time.perf_counter()
     config = spec.shape.serve_config(spec)
     _log(f"deploying {spec.name!r} (model {spec.model}); the engine takes ~30 s to load on CPU")
     deploy(config, host=host, port=port, timeout_s=timeout_s)
-    url = f"http://{host}:{port}"
+    url = f"http://{url_host}:{port}"
     ids = spec.served_model_ids
     _log(f"ready: {url}/v1 (models: {', '.join(ids)}; auth: {spec.auth})", keep=True)
     return ServeResult(spec.name, url, ids, spec.auth, info.address, round(time.perf_counter() - t0, 1),
                        config=config)
+
+
+def serving_host(host: str, address: str | None, auth: str) -> tuple[str, str]:
+    """(the host Serve binds, the host the printed URL names) on the connected cluster; says so
+    when a multi-node or remote cluster needs every interface (``bind_host``)."""
+    nodes, head_ip = cluster_shape()
+    bound, note = bind_host(host, remote=resolve_address(address) is not None, nodes=nodes, auth=auth)
+    if note:
+        _log(note, keep=True)
+    # Bound on every interface: the URL names the head (the proxy a client reaches first).
+    return bound, (head_ip or "127.0.0.1") if bound == ALL_INTERFACES else bound
 
 
 def stop_serving(result: ServeResult) -> None:

@@ -88,10 +88,22 @@ class AutoscalingSpec(StrictModel):
 
 
 class RateLimitSpec(StrictModel):
-    """Per-API-key token bucket, enforced in each ingress replica."""
+    """Per-API-key token bucket, one per key for all replicas together (``runtime.serving.ratelimit``)."""
 
     requests_per_minute: float = Field(600, gt=0, description="Sustained requests per minute per key.")
     burst: int = Field(60, ge=1, description="Requests a key may send at once before being limited.")
+    store: Literal["actor", "redis", "replica"] = Field(
+        "actor", description="Where the buckets live: 'actor' (a Ray actor on the head node, one per app), "
+        "'redis' (the server at url), or 'replica' (each replica its own: N replicas admit N x the rate).")
+    url: str | None = Field(None, description="redis://HOST:PORT/DB of the Redis server (store: redis only).")
+
+    @model_validator(mode="after")
+    def _store_url(self):
+        if self.store == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("store redis needs url: redis://HOST:PORT/DB")
+        if self.store != "redis" and self.url is not None:
+            raise ValueError(f"url is only read with store: redis (store is {self.store!r}); drop url or set store: redis")
+        return self
 
 
 class ToolCallingSpec(StrictModel):
