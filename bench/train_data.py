@@ -1,6 +1,6 @@
 """Training data that scales: per-worker peak memory and start-up time against corpus size.
 
-    python -m bench train-data [--tokens 1000000 50000000] [--workers 2]
+    python -m bench train-data [--tokens 1000000 50000000] [--workers 2] [--corpus-dir DIR]
 
 For each corpus (synthetic support-ticket text, jsonl, about the given number of tiny-tokenizer
 tokens) it runs a short Training spec twice on a local Ray cluster: the first run tokenizes and
@@ -24,7 +24,11 @@ WORDS = ("router laptop camera headset monitor keyboard printer phone ticket sup
 
 
 def write_corpus(path: Path, tokens: int, seed: int = 0) -> int:
-    """~``tokens`` tiny-tokenizer tokens of jsonl text (about 1.5 characters a token); returns the bytes."""
+    """~``tokens`` tiny-tokenizer tokens of jsonl text (about 1.5 characters a token); returns the
+    bytes. An existing file is kept (``--corpus-dir``: write the corpora once, bench many times)."""
+    if path.is_file():
+        return path.stat().st_size
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     target = int(tokens * 1.56)
     written = 0
@@ -64,7 +68,7 @@ def spec_dict(root: str, name: str, corpus: Path, workers: int) -> dict:
     return {
         "kind": "Training", "name": name, "storage": {"root": root},
         "data": {"path": str(corpus), "max_seq_len": 512, "eval_fraction": 0.001},
-        "train": {"steps": STEPS, "batch_size": 2, "checkpoint_every_n_steps": STEPS, "step_fn": f"{__name__}:measured_loss"},
+        "train": {"steps": STEPS, "batch_size": 2, "checkpoint_every_n_steps": STEPS, "step_fn": "bench.train_data:measured_loss"},
         "resources": {"num_workers": workers, "cpus_per_worker": 0.5},
         "registry": {"enabled": False},
     }
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1_000_000, 50_000_000])
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--corpus-dir", default=None, help="where the corpora are written (and kept); default: the run's temp dir")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with ray_session():
         for n in args.tokens:
-            corpus = Path(root) / f"corpus-{n}.jsonl"
+            corpus = Path(args.corpus_dir or root) / f"corpus-{n}.jsonl"
             size = write_corpus(corpus, n)
             for attempt in ("first run", "second run"):
                 name = f"c{n}-{attempt.split()[0]}"
