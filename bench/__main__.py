@@ -3,12 +3,14 @@ engines and Ray cluster). Each prints a markdown table comparing raylane with th
 
     python -m bench                 # all
     python -m bench train batch     # some
+    python -m bench train-data      # training data: memory and start-up against corpus size
+    python -m bench batch-scale     # batch: driver memory and time to first commit against corpus size
 """
 
 import subprocess
 import sys
 
-BENCHES = ["train", "batch", "batch_scale", "serve", "guard", "agent"]
+BENCHES = ["train", "train-data", "batch", "batch-scale", "serve", "guard", "agent"]
 
 
 def main(argv: list[str]) -> int:
@@ -20,7 +22,7 @@ def main(argv: list[str]) -> int:
     failed = []
     for name in chosen:
         print(f"\n## bench.{name}\n", flush=True)
-        if subprocess.call([sys.executable, "-m", f"bench.{name}"]) != 0:
+        if subprocess.call([sys.executable, "-m", f"bench.{name.replace('-', '_')}"]) != 0:
             failed.append(name)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)

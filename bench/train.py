@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> None:
 
     root = tempfile.mkdtemp(prefix="raylane-bench-train-")
     n = args.steps
-    prep = prepare(parse_spec(spec_dict(root, "plain", n, n, "async", 1)))
     cases = [("final checkpoint only", n, "async"), ("every 50 steps (default), async (default)", 50, "async"),
              ("every 50 steps, sync", 50, "sync"), ("every 10 steps, async", 10, "async"),
              ("every 10 steps, sync", 10, "sync")]
     rows = []
     with ray_session():
+        prep = prepare(parse_spec(spec_dict(root, "plain", n, n, "async", 1)))  # builds the token shards
         for i, (label, every, upload) in enumerate(cases):
             # The plain loop runs right before each harness run: on a shared machine the load changes
             # between runs, and each ratio compares two measurements taken under the same load.

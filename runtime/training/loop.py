@@ -108,7 +108,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     run_dir = cfg["run_dir"]
     if os.environ.get("RAYLANE_TORCH_THREADS"):
         torch.set_num_threads(int(os.environ["RAYLANE_TORCH_THREADS"]))
-    blocks = ray.get(cfg["blocks_ref"]) if cfg.get("blocks_ref") is not None else cfg["blocks"]
+    # TokenShards: memory-mapped token shards; a step reads only its batch's rows.
+    blocks = cfg["train_shards"]
     num_blocks = len(blocks)
     total = cfg["total_steps"]
     step_fn = load_callable(optim["step_fn"], field="train.step_fn") if optim.get("step_fn") else causal_lm_loss
@@ -155,7 +156,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     for step in range(start, total):
         idx = batch_indices(step, num_blocks=num_blocks, batch_size=optim["batch_size"], world_size=world,
                             rank=rank, seed=optim["seed"])
-        x = torch.from_numpy(blocks[idx].astype("int64")).to(device)
+        x = torch.from_numpy(np.asarray(blocks[idx], dtype=np.int64)).to(device)
         loss = step_fn(model, {"input_ids": x, "labels": x}, step)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, clip)

@@ -24,10 +24,11 @@ from runtime.placement import check_gang
 from runtime.ray_env import ray_session
 from runtime.registry import CHAMPION, Registry
 from runtime.specs import dump_spec
-from runtime.training.data import fingerprint, load_documents, pack, split, steps_per_epoch
+from runtime.training.data import check_columns, steps_per_epoch
 from runtime.training.evaluate import evaluate_model, gate_decision
 from runtime.training.loop import STATE_FILE, load_state, train_loop_per_worker
 from runtime.training.recipes import recipe_for
+from runtime.training.shards import Shards, data_fingerprint, ensure_shards
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainResult:
     seconds: float
     dataset_fingerprint: str
     loss_history: list[float] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # the token shards: key, directory, built (or reused), seconds
     ok: bool = True
 
     def to_dict(self) -> dict:
@@ -61,15 +63,25 @@ _log = logger("train")
 @dataclass
 class Prepared:
     cfg: dict
-    train_blocks: Any
-    eval_blocks: Any
+    shards: Shards
     eval_texts: list[str]
     fingerprint: str
     base_model: str | None
 
+    @property
+    def train_blocks(self):
+        """The training sequences (``TokenShards``: indexed by an array of sequence numbers)."""
+        return self.shards.train
+
+    @property
+    def eval_blocks(self):
+        return self.shards.eval
+
 
 def prepare(spec) -> Prepared:
-    """Tokenizer, data split and packing, and the worker config; no Ray needed."""
+    """Tokenizer, token shards and the worker config. The shards of ``spec.data`` are reused when an
+    earlier run built them (``<root>/datasets/<key>/``), else built with Ray Data on the connected
+    cluster (call it inside ``ray_session``)."""
     import yaml
     from transformers import AutoTokenizer
 
@@ -82,47 +94,51 @@ def prepare(spec) -> Prepared:
     tok = AutoTokenizer.from_pretrained(recipe.tokenizer_dir)
     recipe.adopt(tok)
     cfg["recipe"] = recipe
-    docs = load_documents(spec.data, tok)
-    train_docs, eval_docs = split(docs, spec.data.eval_fraction)
-    train_blocks = pack(tok, train_docs, spec.data.max_seq_len)
-    eval_blocks = pack(tok, eval_docs, spec.data.max_seq_len)
+    check_columns(spec.data, tok)  # in the driver: a bad column is one clear line, not a Ray Data traceback
+    fp = data_fingerprint(spec.data)
+    shards = ensure_shards(spec.data, recipe.tokenizer_dir, root, vocab_size=len(tok), fingerprint=fp,
+                           cpus=min(1.0, spec.resources.cpus_per_worker))
+    cfg["train_shards"] = shards.train
     world, bs = spec.resources.num_workers, spec.train.batch_size
-    spe = steps_per_epoch(len(train_blocks), bs, world)
+    spe = steps_per_epoch(len(shards.train), bs, world)
     if spe == 0:
         raise RaylaneError(
-            f"{spec.data.path}: {len(train_blocks)} training sequences of {spec.data.max_seq_len} tokens; one step "
+            f"{spec.data.path}: {len(shards.train)} training sequences of {spec.data.max_seq_len} tokens; one step "
             f"needs {bs * world} (train.batch_size {bs} x {world} workers)",
             hint="add data, or lower train.batch_size / data.max_seq_len / resources.num_workers",
         )
     cfg["total_steps"] = spec.train.steps or spe * spec.train.epochs
-    return Prepared(cfg, train_blocks, eval_blocks, eval_docs, fingerprint(docs), recipe.base_model)
+    eval_texts = shards.eval_texts() if spec.eval.metric else []
+    return Prepared(cfg, shards, eval_texts, fp, recipe.base_model)
 
 
 def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult:
     """Run (or resume) a ``Training`` or ``FineTune`` spec; returns a ``TrainResult``.
 
-    Steps: prepare (tokenizer, split, packing; no Ray) -> fit (Ray Train, resuming from the run's
-    last committed checkpoint; the final model copied out) -> evaluate (the new model and the
-    champion on the same held-out data) -> register (an MLflow model version with its lineage) ->
-    gate (promote it to champion, or leave it challenger). With the registry on, the MLflow run is
-    opened before fit and ends FAILED when any step raises.
+    Steps: prepare (tokenizer; token shards, built once with Ray Data and reused) -> fit (Ray
+    Train, resuming from the run's last committed checkpoint; the final model copied out) ->
+    evaluate (the new model and the champion on the same held-out data) -> register (an MLflow
+    model version with its lineage) -> gate (promote it to champion, or leave it challenger). With
+    the registry on, the MLflow run is opened before fit and ends FAILED when any step raises.
     """
     t_start = time.time()
-    prep = prepare(spec)
-    run_dir = prep.cfg["run_dir"]
-    total = prep.cfg["total_steps"]
-    _log(f"{spec.kind} {spec.name}: {len(prep.train_blocks)} train / {len(prep.eval_blocks)} eval sequences, "
-         f"{total} steps, {spec.resources.num_workers} worker(s); run dir {run_dir}")
-    reg = Registry(spec.storage.resolved()) if spec.registry.enabled else None
-    run_id = None
-    if reg:
-        # Opened before training so rank 0 logs its live curves into it; the registered version links to it.
-        run_id = reg.start_run(spec.name, {"raylane.kind": spec.kind, "raylane.run": spec.name,
-                                           "raylane.run_dir": run_dir, "raylane.dataset": spec.data.path,
-                                           "raylane.dataset_fingerprint": prep.fingerprint})
-        prep.cfg["mlflow"] = {"tracking_uri": reg.uri, "run_id": run_id}
-    try:
-        with ray_session(address):
+    with ray_session(address):
+        prep = prepare(spec)
+        run_dir = prep.cfg["run_dir"]
+        total = prep.cfg["total_steps"]
+        d = prep.shards
+        how = f"tokenized in {d.seconds:.1f} s" if d.built else "reused"
+        _log(f"{spec.kind} {spec.name}: {len(d.train)} train / {len(d.eval)} eval sequences ({how}: {d.directory}), "
+             f"{total} steps, {spec.resources.num_workers} worker(s); run dir {run_dir}")
+        reg = Registry(spec.storage.resolved()) if spec.registry.enabled else None
+        run_id = None
+        if reg:
+            # Opened before training so rank 0 logs its live curves into it; the registered version links to it.
+            run_id = reg.start_run(spec.name, {"raylane.kind": spec.kind, "raylane.run": spec.name,
+                                               "raylane.run_dir": run_dir, "raylane.dataset": spec.data.path,
+                                               "raylane.dataset_fingerprint": prep.fingerprint})
+            prep.cfg["mlflow"] = {"tracking_uri": reg.uri, "run_id": run_id}
+        try:
             fitted = _fit(spec, prep, t_start)
             champion = reg.alias(spec.registered_name(), CHAMPION) if reg else None
             metrics, champion_metrics = _evaluate(spec, prep, fitted, champion)
@@ -130,14 +146,14 @@ def run_train_spec(spec, *, address: str | None = None, **_: Any) -> TrainResult
             if reg:
                 version, rerun = _register(spec, prep, fitted, metrics, reg, run_id)
                 registry, gate = _gate(spec, reg, version, rerun, metrics, champion_metrics, champion)
-        return _result(spec, prep, fitted, metrics, registry, gate, t_start)
-    except BaseException:
-        if run_id:
-            try:
-                reg.end_run(run_id, "FAILED")
-            except Exception:  # noqa: BLE001, S110 - the training error is the one to report
-                pass
-        raise
+        except BaseException:
+            if run_id:
+                try:
+                    reg.end_run(run_id, "FAILED")
+                except Exception:  # noqa: BLE001, S110 - the training error is the one to report
+                    pass
+            raise
+    return _result(spec, prep, fitted, metrics, registry, gate, t_start)
 
 
 @dataclass
@@ -260,7 +276,7 @@ def _result(spec, prep: Prepared, fitted: _Fitted, metrics: dict, registry: dict
         steps_per_second=run_metrics.get("steps_per_second"),
         checkpoint_seconds=run_metrics.get("checkpoint_seconds"),
         seconds=round(time.time() - t_start, 2), dataset_fingerprint=prep.fingerprint,
-        loss_history=[round(x, 5) for x in fitted.state["losses"]],
+        loss_history=[round(x, 5) for x in fitted.state["losses"]], data=prep.shards.summary(),
     )
 
 
@@ -281,13 +297,12 @@ def _read_json(uri: str) -> dict | None:
 
 def _train(spec, prep: Prepared):
     """Ray Train's ``TorchTrainer.fit()`` on the gang; its error becomes a one-line ``RaylaneError``."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     res = spec.resources
     check_gang(res, spec.placement.strategy, spec.placement.timeout_s)
-    cfg = dict(prep.cfg, blocks_ref=ray.put(prep.train_blocks))
+    cfg = prep.cfg  # the shards travel as their location; each worker maps what its batches need
     per_worker = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:
         per_worker["GPU"] = res.gpus_per_worker

@@ -120,6 +120,25 @@ def test_loss_decreases_and_steps_are_exact(reference):
     assert (Path(r.checkpoint) / "spec.yaml").is_file() and (Path(r.model_dir) / "config.json").is_file()
 
 
+def test_ray_data_token_shards_hold_the_packed_corpus(reference, tiny_model):
+    """The reference run tokenized and packed with Ray Data: the shards hold what packing the whole
+    corpus in memory gives, row for row, in one folder keyed by the data, tokenizer and length."""
+    from transformers import AutoTokenizer
+
+    from runtime.specs.training import DatasetSpec
+    from runtime.training.data import load_documents, pack, split
+    from runtime.training.shards import open_shards
+
+    d = reference.data
+    assert d["built"] and Path(d["directory"]).name == d["key"] and Path(d["directory"]).parent.name == "datasets"
+    s = open_shards(d["directory"])
+    spec = DatasetSpec(**_spec_dict(Path("/unused"), "ref")["data"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    train, held = split(load_documents(spec, tok), spec.eval_fraction)
+    np.testing.assert_array_equal(s.train[:], pack(tok, train, spec.max_seq_len))
+    np.testing.assert_array_equal(s.eval[:], pack(tok, held, spec.max_seq_len))
+
+
 @pytest.mark.timeout(500)
 def test_killed_worker_resumes_with_exact_steps(tmp_path, reference):
     killed = {}
@@ -154,7 +173,12 @@ def test_restarted_driver_resumes(tmp_path, reference):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    t_rerun = time.time()
     r = _run(_spec_dict(tmp_path, "driver", step_fn=PACED))
+    # The rerun tokenized nothing: it read the token shards the killed driver's run had written.
+    index = Path(r.data["directory"]) / "index.json"
+    assert r.data["built"] is False and index.stat().st_mtime < t_rerun, r.data
+    assert all(f.stat().st_mtime < t_rerun for f in index.parent.iterdir())
     # uploads are async: the newest committed checkpoint may be behind what the worker reported
     assert r.resumed_from_step is not None and r.resumed_from_step >= 10
     assert r.final_step == STEPS and len(r.loss_history) == STEPS and r.restarts == 0

@@ -31,3 +31,22 @@ def generate_with_and_without_lora(base: str, adapter: str, prompts: list[str]):
     plain = [o.outputs[0].text for o in llm.generate(prompts, sp)]
     tuned = [o.outputs[0].text for o in llm.generate(prompts, sp, lora_request=LoRARequest("support", 1, adapter))]
     return plain, tuned
+
+
+def paced_with_progress(model, batch, step):
+    """``paced_causal_lm`` that also records the step each rank is computing, and on which Ray node,
+    in ``<run dir>/progress/rank-<r>.json``: the multi-node test reads where the lost node was."""
+    import json
+    import os
+
+    import ray
+    import ray.train
+
+    ctx = ray.train.get_context()
+    folder = os.path.join(ctx.get_storage().experiment_fs_path, "progress")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"rank-{ctx.get_world_rank()}.json")
+    with open(f"{path}.tmp", "w") as f:
+        json.dump({"step": step + 1, "node_id": ray.get_runtime_context().get_node_id()}, f)
+    os.replace(f"{path}.tmp", path)
+    return paced_causal_lm(model, batch, step)
