@@ -21,7 +21,7 @@ import math
 import time
 from typing import Any
 
-from runtime.agents.tools import Tool, import_function
+from runtime.agents.tools import KEY_ARGUMENT, Tool, import_function
 
 
 def _run_tool(import_path: str, arguments: dict, bound: dict) -> tuple[Any, float]:
@@ -29,6 +29,14 @@ def _run_tool(import_path: str, arguments: dict, bound: dict) -> tuple[Any, floa
     t0 = time.perf_counter()
     result = fn(**arguments, **bound)
     return result, time.perf_counter() - t0
+
+
+def with_key(tool: Tool, idempotency_key: str | None) -> dict:
+    """The keywords the model never sees, plus the call's key for a tool that takes one
+    (the same key on every retry of the call)."""
+    if idempotency_key and tool.takes_key:
+        return {**tool.bound, KEY_ARGUMENT: idempotency_key}
+    return tool.bound
 
 
 class ToolRunner:
@@ -49,17 +57,18 @@ class ToolRunner:
         await self._remote.options(num_cpus=0).remote("runtime.agents.tools:calculator", {"expression": "1"}, {})
         return True
 
-    async def call(self, name: str, arguments: dict) -> dict[str, Any]:
+    async def call(self, name: str, arguments: dict, idempotency_key: str | None = None) -> dict[str, Any]:
         if name not in self.tools and self.mcp is not None:
-            return await self.mcp.call(name, arguments)
+            return await self.mcp.call(name, arguments, idempotency_key)
         tool = self.tools[name]
+        bound = with_key(tool, idempotency_key)
         errors: list[str] = []
         t0 = time.perf_counter()
         tool_s = 0.0
         for attempt in range(1, tool.retries + 2):
             async with self._limits[name]:
                 ref = self._remote.options(num_cpus=tool.num_cpus, max_retries=0, name=f"tool:{name}").remote(
-                    tool.import_path, arguments, tool.bound
+                    tool.import_path, arguments, bound
                 )
                 try:
                     result, secs = await asyncio.wait_for(asyncio.wrap_future(ref.future()), tool.timeout_s)
@@ -89,10 +98,11 @@ class LocalToolRunner:
         self._limits = {t.name: asyncio.Semaphore(t.max_concurrency) for t in tools}
         self.mcp = mcp
 
-    async def call(self, name: str, arguments: dict) -> dict[str, Any]:
+    async def call(self, name: str, arguments: dict, idempotency_key: str | None = None) -> dict[str, Any]:
         if name not in self.tools and self.mcp is not None:
-            return await self.mcp.call(name, arguments)
+            return await self.mcp.call(name, arguments, idempotency_key)
         tool, fn = self.tools[name], self._fns[name]
+        bound = with_key(tool, idempotency_key)
         errors: list[str] = []
         t0 = time.perf_counter()
         tool_s = 0.0
@@ -100,7 +110,7 @@ class LocalToolRunner:
             async with self._limits[name]:
                 s = time.perf_counter()
                 try:
-                    result = await asyncio.wait_for(asyncio.to_thread(fn, **arguments, **tool.bound), tool.timeout_s)
+                    result = await asyncio.wait_for(asyncio.to_thread(fn, **arguments, **bound), tool.timeout_s)
                     tool_s += time.perf_counter() - s
                     return {"ok": True, "result": result, "attempts": attempt, "errors": errors,
                             "seconds": time.perf_counter() - t0, "tool_seconds": tool_s}
