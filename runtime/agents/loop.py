@@ -17,6 +17,19 @@ never instructions. They keep the ``user`` role because chat templates differ in
 render (many reject a ``tool`` message without a native tool call before it). A tool marked
 ``side_effects`` runs only in sessions created with ``allow_tools`` naming it; otherwise the call
 is a ``refused`` step and the model is told why.
+
+A tool marked ``requires_approval`` pauses the session on its call (status
+``awaiting_approval``, the call in ``pending_approval``) and the turn returns; nothing waits in
+memory. ``resolve`` applies a person's decision later, in any actor: approve runs the call (with
+edited arguments if given), reject feeds the model a refused step, and the turn continues.
+
+Exactly-once side effects: every tool call gets ``idempotency_key(session, step, call)``, and the
+tool receives it. Before a side-effecting call runs, its intent (the action and the step so far)
+is saved in ``session["calls"]``, and its result right after; the step's own save drops the
+record. A step retried after a crash (``settle``, or a repeated decision) finds the record and
+reuses the result. A record with no result (the actor died during the call) means the outcome is
+unknown: an ``idempotent`` tool gets the same key again, any other becomes a failed call of
+unknown outcome, never a second run.
 """
 
 from __future__ import annotations

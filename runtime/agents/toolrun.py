@@ -12,6 +12,8 @@ the per-step overhead budget), so a tool's ``max_concurrency`` is split evenly o
 actors (``ceil(max_concurrency / session_workers)`` each). Failures come back as data, never as
 exceptions: the orchestrator records them and shows them to the model. Tools from MCP servers
 (``runtime.agents.mcptools``) are calls from this process to the server, with the same rules.
+``idempotency_key`` (the loop's key of the call) reaches a Python tool that declares that
+keyword, and an MCP server in the call's ``_meta``; every retry of a call carries the same key.
 """
 
 from __future__ import annotations

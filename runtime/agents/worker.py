@@ -15,6 +15,10 @@ Sessions are owned: the session actor compares the caller's ``owner`` (a digest 
 None with ``auth: none``) with the one stored at creation, and a mismatch reads as "no such
 session", so a key can neither read nor tell apart another key's sessions. Session ids are
 random (128 bits) and made here, never chosen by the client.
+
+A session paused for approval costs nothing but its record in the store: ``decide`` loads it in
+whichever actor the id routes to. A turn cut off after a side-effecting call's recorded result
+is finished from the record when the session is next loaded (``AgentLoop.settle``).
 """
 
 from __future__ import annotations

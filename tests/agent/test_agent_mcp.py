@@ -203,7 +203,7 @@ def test_a_tool_the_server_does_not_offer_fails_the_start_naming_server_and_tool
         run(go())
     msg = str(e.value)
     assert "mcp_servers[0]" in msg and "allow_tools" in msg and "does not offer delete_everything" in msg
-    assert "it offers: add, crash, fail, note, pid, secret, slow, upper" in msg
+    assert "it offers: add, crash, fail, key, note, pid, secret, slow, upper" in msg
 
 
 def test_http_headers_come_from_the_environment(http_url, monkeypatch):
