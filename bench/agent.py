@@ -1,17 +1,25 @@
-"""Agent orchestration overhead and concurrency, against the bare engine in the same run.
+"""Agent orchestration overhead, the planner against a measured load, and 1,000 sessions.
 
-    python -m bench.agent [--sessions 100] [--steps-sessions 20]
+    python -m bench.agent [--steps-sessions 20] [--sessions 100] [--rate 3 --rate-s 20] [--many 1000]
 
-Starts a vLLM OpenAI server on the tiny model (guided JSON, compact) and the agent app on a
-local Ray cluster pointed at it (calculator tool; every turn = tool step + answer step), then:
+Starts a vLLM OpenAI server on the tiny model (guided JSON, compact) and agent apps on a local
+Ray cluster pointed at it (every turn = a tool step + an answer step), then:
 
 1. per-step orchestration overhead: step wall time minus the LLM call and the tool's own run
-   time (prompt assembly, schema, parsing, Ray task dispatch, the store write, tracing), from
-   sequential sessions; goal p50 <= 5 ms;
-2. N concurrent sessions over HTTP (one message each) vs the same number of bare chat calls
-   sent to the engine at the same concurrency.
+   time (prompt assembly, schema, parsing, tool dispatch, the store write, tracing), from
+   sequential sessions, for a Python tool in a tool process (the default), the same tool as a
+   Ray task per call (the old dispatch), in a thread, and an MCP tool (tests/agent/mcp_server.py
+   over stdio); goal p50 <= 2 ms;
+2. the capacity planner against a measured run: the profile (first prompt, output tokens, what
+   a tool result adds to the history, steps per session) comes from the sequential sessions of
+   1.; sessions then arrive at a fixed rate and the engine's own token counters (vLLM
+   ``/metrics``) give the LLM tokens/s actually processed; goal: prediction within 25 %;
+3. N concurrent sessions over HTTP vs the same number of bare chat calls at the same concurrency;
+4. ``--many`` sessions created at once, then one message each, all at once: errors, latency,
+   the session store's writes and size, and the memory of the session actors, their tool
+   processes and the ingress.
 
-Prints a markdown table. Not part of the test suite.
+Prints markdown tables. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +37,8 @@ import time
 from pathlib import Path
 
 from runtime.serving.deploy import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -57,6 +69,22 @@ def start_vllm(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("vLLM not ready")
 
 
+def engine_tokens(url: str) -> tuple[float, float]:
+    """(prompt, generated) tokens the engine has processed so far, from its Prometheus counters."""
+    import httpx
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+
+    def total(name: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(rf"^vllm:{name}_total\{{[^}}]*\}} (\S+)$", text, re.M))
+
+    return total("prompt_tokens"), total("generation_tokens")
+
+
+def question(rng: random.Random) -> str:
+    return f"What is {rng.randint(2, 999)} * {rng.randint(2, 99)}?"
+
+
 async def bare_calls(url: str, n: int, prompt: str) -> tuple[float, list[float]]:
     """n concurrent chat calls with the same guided schema the agent's first step uses."""
     import httpx
@@ -83,15 +111,17 @@ async def bare_calls(url: str, n: int, prompt: str) -> tuple[float, list[float]]
         return time.perf_counter() - t0, lat
 
 
-async def agent_sessions(base: str, n: int, prompt: str) -> tuple[float, list[float], list[dict]]:
+async def agent_sessions(base: str, prompts: list[str], max_connections: int = 256) -> tuple[float, list[float], list[dict]]:
+    """One session per prompt, all sent at once; (wall, turn latencies, replies)."""
     import httpx
 
     lat: list[float] = []
     replies: list[dict] = []
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=256)) as c:
-        ids = [(await c.post("/sessions")).json()["id"] for _ in range(n)]
+    async with httpx.AsyncClient(base_url=base, timeout=900,
+                                 limits=httpx.Limits(max_connections=max_connections)) as c:
+        ids = [(await c.post("/sessions")).json()["id"] for _ in prompts]
 
-        async def one(sid):
+        async def one(sid, prompt):
             t = time.perf_counter()
             r = await c.post(f"/sessions/{sid}/messages", json={"content": prompt})
             r.raise_for_status()
@@ -99,83 +129,287 @@ async def agent_sessions(base: str, n: int, prompt: str) -> tuple[float, list[fl
             replies.append(r.json())
 
         t0 = time.perf_counter()
-        await asyncio.gather(*[one(s) for s in ids])
+        await asyncio.gather(*[one(s, p) for s, p in zip(ids, prompts)])
         return time.perf_counter() - t0, lat, replies
+
+
+def overhead_run(base: str, n: int, rng: random.Random) -> dict:
+    asyncio.run(agent_sessions(base, [question(rng)]))  # warm-up
+    out: dict = {"overhead": [], "tool_step": [], "answer_step": [], "llm_ms": [], "tool_ms": [], "dispatch_ms": [],
+                 "steps": []}
+    for _ in range(n):
+        _, _, replies = asyncio.run(agent_sessions(base, [question(rng)]))
+        steps = replies[0]["steps"]
+        out["steps"].append(steps)
+        for st in steps:
+            out["overhead"].append(st["overhead_ms"])
+            out["llm_ms"].append(st["llm"]["seconds"] * 1000)
+            if st.get("tool"):
+                out["tool_step"].append(st["overhead_ms"])
+                out["tool_ms"].append(st["tool"]["seconds"] * 1000)
+                out["dispatch_ms"].append((st["tool"]["seconds"] - st["tool"]["run_seconds"]) * 1000)
+            elif st["action"] == "answer":
+                out["answer_step"].append(st["overhead_ms"])
+    return out
+
+
+def profile_from(steps: list[list[dict]], rate: float) -> dict:
+    """The planner's profile, from sequential sessions: what an operator would measure on a few."""
+    first = [s[0]["llm"]["tokens_in"] for s in steps]
+    outs = [st["llm"]["tokens_out"] for s in steps for st in s]
+    # What a tool result adds to the next prompt: its fenced observation through the chat template.
+    adds = [s[1]["llm"]["tokens_in"] - s[0]["llm"]["tokens_in"] - s[0]["llm"]["tokens_out"]
+            for s in steps if len(s) > 1 and s[0].get("tool")]
+    n_steps = statistics.mean(len(s) for s in steps)
+    n_tools = statistics.mean(sum(1 for st in s if st.get("tool")) for s in steps)
+    return {"sessions_per_s": rate, "steps_per_session": n_steps, "tool_calls_per_session": n_tools,
+            "prompt_tokens": statistics.mean(first), "output_tokens": statistics.mean(outs),
+            "tool_result_tokens": statistics.mean(adds) if adds else 0}
+
+
+async def arrivals(base: str, rate: float, seconds: float, rng: random.Random, vllm_url: str) -> dict:
+    """Sessions arriving every 1/rate s for ``seconds``; engine tokens/s over the steady window
+    (from the first arrival + one session's length to the last arrival)."""
+    import httpx
+
+    replies: list[dict] = []
+    marks: dict[str, tuple[float, tuple[float, float]]] = {}
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=512)) as c:
+        async def one(prompt):
+            sid = (await c.post("/sessions")).json()["id"]
+            r = await c.post(f"/sessions/{sid}/messages", json={"content": prompt})
+            r.raise_for_status()
+            replies.append(r.json())
+
+        async def mark(name, at):
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            marks[name] = (time.perf_counter(), await asyncio.to_thread(engine_tokens, vllm_url))
+
+        t0 = time.perf_counter()
+        n = int(rate * seconds)
+        warm = min(5.0, seconds / 4)
+        markers = [asyncio.create_task(mark("start", t0 + warm)), asyncio.create_task(mark("end", t0 + seconds))]
+        tasks = []
+        for i in range(n):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(question(rng))))
+        await asyncio.gather(*markers)
+        await asyncio.gather(*tasks)
+    (ta, (pa, ga)), (tb, (pb, gb)) = marks["start"], marks["end"]
+    span = tb - ta
+    return {"sessions": n, "ok": sum(1 for r in replies if r.get("reply") is not None), "window_s": span,
+            "prompt_tokens_per_s": (pb - pa) / span, "output_tokens_per_s": (gb - ga) / span,
+            "tokens_per_s": (pb - pa + gb - ga) / span,
+            "trace_tokens_per_session": statistics.mean(r["usage"]["tokens"] for r in replies)}
+
+
+def actor_memory(names: list[str]) -> tuple[float, float, int]:
+    """(session actors' RSS MB, their tool processes' PSS MB, tool processes). PSS shares the
+    pages the tool processes have in common (the interpreter) among them."""
+    import psutil
+    import ray
+
+    from runtime.agents.worker import NAMESPACE
+
+    own = kids = 0.0
+    n = 0
+    for name in names:
+        p = psutil.Process(ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote()))
+        own += p.memory_info().rss
+        for q in p.children(recursive=True):
+            try:
+                kids += q.memory_full_info().pss
+                n += 1
+            except psutil.NoSuchProcess:
+                continue
+    return own / 2**20, kids / 2**20, n
+
+
+def ingress_memory(app: str) -> float:
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter(["cmdline"]):
+        if any(f"ServeReplica:{app}" in a for a in (p.info["cmdline"] or [])):
+            total += p.memory_info().rss
+    return total / 2**20
+
+
+async def many_sessions(base: str, n: int, rng: random.Random) -> dict:
+    """n sessions created at once, then one message to each, all at once, then a read of each."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=1800, limits=httpx.Limits(max_connections=n)) as c:
+        async def timed(coro):
+            t = time.perf_counter()
+            r = await coro
+            return r, time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        created = await asyncio.gather(*[timed(c.post("/sessions")) for _ in range(n)])
+        create_wall = time.perf_counter() - t0
+        ids = [r.json()["id"] for r, _ in created if r.status_code == 200]
+        t0 = time.perf_counter()
+        sent = await asyncio.gather(*[timed(c.post(f"/sessions/{s}/messages", json={"content": question(rng)}))
+                                      for s in ids])
+        send_wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*[timed(c.get(f"/sessions/{s}")) for s in ids])
+        get_wall = time.perf_counter() - t0
+    ok = [r.json() for r, _ in sent if r.status_code == 200]
+    unanswered: dict[str, int] = {}
+    for r in ok:
+        if r.get("reply") is None and r["steps"]:
+            why = f"{r['steps'][-1]['action']}: {(r['steps'][-1].get('error') or '')[:80]}"
+            unanswered[why] = unanswered.get(why, 0) + 1
+    return {"unanswered": unanswered,
+        "created": len(ids), "create_errors": n - len(ids), "create_wall": create_wall,
+        "create_p50": _pct([t for _, t in created], .5), "create_p95": _pct([t for _, t in created], .95),
+        "answered": sum(1 for r in ok if r.get("reply") is not None), "send_errors": len(ids) - len(ok),
+        "send_wall": send_wall, "send_p50": _pct([t for _, t in sent], .5), "send_p95": _pct([t for _, t in sent], .95),
+        "steps": sum(len(r["steps"]) for r in ok),
+        "get_errors": sum(1 for r, _ in got if r.status_code != 200), "get_wall": get_wall,
+        "get_p50": _pct([t for _, t in got], .5), "get_p95": _pct([t for _, t in got], .95),
+        "doc_bytes": statistics.mean(len(r.content) for r, _ in got if r.status_code == 200),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sessions", type=int, default=100, help="concurrent sessions")
-    ap.add_argument("--steps-sessions", type=int, default=20, help="sequential sessions for the overhead numbers")
+    ap.add_argument("--steps-sessions", type=int, default=20, help="sequential sessions per overhead variant")
+    ap.add_argument("--sessions", type=int, default=100, help="concurrent sessions vs bare calls (0: skip)")
+    ap.add_argument("--rate", type=float, default=3.0, help="sessions/s for the planner check (0: skip)")
+    ap.add_argument("--rate-s", type=float, default=20.0, help="seconds of arrivals for the planner check")
+    ap.add_argument("--many", type=int, default=1000, help="sessions at once, with store and memory figures (0: skip)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from runtime.agents import start_agent, stop_agent
+    from runtime.agents import start_agent
+    from runtime.planning_agents import plan_agent
     from runtime.ray_env import init_ray, shutdown_ray
     from runtime.specs import parse_spec
     from runtime.tiny_model import write_tiny_model
 
+    rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="bench-agents-"))
     model = write_tiny_model(work / "tiny", seed=0)
     proc, url = start_vllm(model, work / "vllm.log")
+    port = free_port()
+    calc = {"name": "calculator", "import_path": "runtime.agents.tools:calculator", "max_concurrency": 64}
+    mcp = {"name": "m", "transport": "stdio", "command": sys.executable, "args": [str(ROOT / "tests/agent/mcp_server.py")],
+           "allow_tools": ["upper"], "max_concurrency": 64}
+    variants = {  # name -> (what, spec patch)
+        "process": ("Python tool, tool process (default)", {"tools": [calc]}),
+        "task": ("Python tool, Ray task per call (before)", {"tools": [{**calc, "isolation": "ray_task"}]}),
+        "thread": ("Python tool, thread", {"tools": [{**calc, "isolation": "thread"}]}),
+        "mcp": ("MCP tool (stdio server)", {"mcp_servers": [mcp]}),
+    }
+    results: dict = {}
     try:
         init_ray(None)
-        spec = parse_spec({
-            "kind": "Agent", "name": "bench-agent", "auth": "none", "storage": {"root": str(work)},
-            "llm": {"url": url, "tool_choice": "required", "max_tool_rounds": 1},
-            "tools": [{"name": "calculator", "import_path": "runtime.agents.tools:calculator",
-                       "max_concurrency": 64}],
-            "session_workers": 2,
-            "rate_limit": None,  # one client sends 100 sessions at once: measure the agent, not the limiter
-        })
-        served = start_agent(spec, port=0)
-        prompt = "What is 12 * 7?"
+        served = {}
+        for name, (_, patch) in variants.items():
+            spec = parse_spec({
+                "kind": "Agent", "name": f"bench-{name}", "auth": "none", "storage": {"root": str(work)},
+                "route_prefix": f"/{name}",
+                "llm": {"url": url, "tool_choice": "required", "max_tool_rounds": 1}, "session_workers": 2,
+                "rate_limit": None,  # one client sends many sessions at once: measure the agent, not the limiter
+                **patch,
+            })
+            served[name] = (spec, start_agent(spec, port=port))
         # 1. overhead: sequential sessions, so no step waits on another
-        _, _, seq = asyncio.run(agent_sessions(served.url, 1, prompt))  # warm-up
-        overhead, llm_s, tool_s, step_s, by_action, dispatch = [], [], [], [], {}, []
-        for _ in range(args.steps_sessions):
-            _, _, replies = asyncio.run(agent_sessions(served.url, 1, prompt))
-            for st in replies[0]["steps"]:
-                overhead.append(st["overhead_ms"])
-                llm_s.append(st["llm"]["seconds"] * 1000)
-                step_s.append(st["seconds"] * 1000)
-                by_action.setdefault(st["action"], []).append(st["overhead_ms"])
-                if st.get("tool"):
-                    tool_s.append(st["tool"]["seconds"] * 1000)
-                    d = (st["tool"]["seconds"] - st["tool"]["run_seconds"]) * 1000
-                    dispatch.append(d)
-                    by_action.setdefault("tool (Ray task dispatch counted as tool time)", []).append(st["overhead_ms"] - d)
-        # 2. concurrency: N sessions at once vs 2N bare engine calls at once (a turn = 2 LLM calls)
-        bare_wall, bare_lat = asyncio.run(bare_calls(url, 2 * args.sessions, prompt))
-        wall, lat, replies = asyncio.run(agent_sessions(served.url, args.sessions, prompt))
-        ok = sum(1 for r in replies if r.get("reply") is not None)
-        conc_overhead = [st["overhead_ms"] for r in replies for st in r["steps"]]
-        stop_agent(served)
+        for name in variants:
+            results[name] = overhead_run(served[name][1].url, args.steps_sessions, rng)
+        base = served["process"][1].url
+        # 2. the planner against a run at a known session rate
+        if args.rate:
+            profile = profile_from(results["process"]["steps"], args.rate)
+            predicted = plan_agent(profile)
+            measured = asyncio.run(arrivals(base, args.rate, args.rate_s, rng, url))
+            results["plan"] = (profile, predicted, measured)
+        # 3. concurrency: N sessions at once vs 2N bare engine calls at once (a turn = 2 LLM calls)
+        if args.sessions:
+            prompts = [question(rng) for _ in range(args.sessions)]
+            bare = asyncio.run(bare_calls(url, 2 * args.sessions, prompts[0]))
+            wall, lat, replies = asyncio.run(agent_sessions(base, prompts))
+            results["conc"] = (bare, wall, lat, replies)
+        # 4. many sessions at once
+        if args.many:
+            spec, result = served["process"]
+            db = Path(result.session_store.split(":", 1)[1])
+
+            def db_size() -> int:
+                return sum(f.stat().st_size for f in db.parent.glob(db.name + "*"))
+
+            mem0, size0 = actor_memory(result.actors), db_size()
+            many = asyncio.run(many_sessions(base, args.many, rng))
+            mem1, size1 = actor_memory(result.actors), db_size()
+            results["many"] = (many, mem0, mem1, ingress_memory(spec.name), size0, size1)
     finally:
         proc.terminate()
         proc.wait(30)
         shutdown_ray()
+    report(args, variants, results)
 
-    n = len(overhead)
-    print(f"\n### Agent orchestration (tiny model, vLLM CPU, {os.cpu_count()} cores)\n")
-    print("| measure | value |")
-    print("|---|---|")
-    print(f"| steps measured (sequential) | {n} |")
-    print(f"| orchestration overhead per step p50 / p95 | {_pct(overhead, .5):.2f} ms / {_pct(overhead, .95):.2f} ms |")
-    for action, xs in sorted(by_action.items()):
-        print(f"| overhead p50 / p95, {action} steps | {_pct(xs, .5):.2f} ms / {_pct(xs, .95):.2f} ms |")
-    print(f"| Ray task dispatch of a tool call (submit to result, minus the tool's run) p50 | {_pct(dispatch, .5):.2f} ms |")
-    print(f"| LLM call per step p50 | {_pct(llm_s, .5):.1f} ms |")
-    print(f"| tool call (Ray task, incl. dispatch) p50 | {_pct(tool_s, .5):.1f} ms |")
-    print(f"| step wall p50 | {_pct(step_s, .5):.1f} ms |")
-    print(f"| overhead share of step wall (p50s) | {_pct(overhead, .5) / _pct(step_s, .5):.1%} |")
-    print(f"| {args.sessions} concurrent sessions: completed with an answer | {ok}/{args.sessions} |")
-    print(f"| {args.sessions} concurrent sessions: wall | {wall:.1f} s |")
-    print(f"| per-session turn latency p50 / p95 | {_pct(lat, .5):.2f} s / {_pct(lat, .95):.2f} s |")
-    print(f"| overhead per step under concurrency p50 / p95 | {_pct(conc_overhead, .5):.1f} ms / {_pct(conc_overhead, .95):.1f} ms |")
-    print(f"| bare engine: {2 * args.sessions} concurrent guided calls, wall | {bare_wall:.1f} s |")
-    print(f"| agent wall / bare engine wall (same LLM calls; a turn's 2 calls are sequential) | {wall / bare_wall:.2f}x |")
-    print(f"| bare call latency p50 | {statistics.median(bare_lat):.2f} s |")
+
+def report(args, variants: dict, results: dict) -> None:
+    print(f"\n### Agent orchestration (tiny model, vLLM CPU, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})\n")
+    print("| tool | steps | overhead p50 / p95 (all steps) | tool steps p50 | answer steps p50 | "
+          "dispatch p50 (call minus the tool's run) | tool call p50 | LLM call p50 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (what, _) in variants.items():
+        r = results[name]
+        print(f"| {what} | {len(r['overhead'])} | {_pct(r['overhead'], .5):.2f} / {_pct(r['overhead'], .95):.2f} ms | "
+              f"{_pct(r['tool_step'], .5):.2f} ms | {_pct(r['answer_step'], .5):.2f} ms | "
+              f"{_pct(r['dispatch_ms'], .5):.2f} ms | {_pct(r['tool_ms'], .5):.2f} ms | {_pct(r['llm_ms'], .5):.1f} ms |")
+    if "plan" in results:
+        profile, p, m = results["plan"]
+        print(f"\n### Planner vs a measured run ({m['sessions']} sessions at {args.rate:g}/s, "
+              f"{m['ok']} answered; engine counters over {m['window_s']:.1f} s)\n")
+        print("profile (from the sequential sessions): " + ", ".join(f"{k}={v:.4g}" for k, v in profile.items()))
+        print("\n| LLM load | planned | measured (vLLM /metrics) | measured / planned |")
+        print("|---|---|---|---|")
+        for label, a, b in [("prompt tokens/s", p.prompt_tokens_per_s, m["prompt_tokens_per_s"]),
+                             ("output tokens/s", p.output_tokens_per_s, m["output_tokens_per_s"]),
+                             ("total tokens/s", p.llm_tokens_per_s, m["tokens_per_s"])]:
+            print(f"| {label} | {a:,.0f} | {b:,.0f} | {b / a:.2f} |")
+        per = p.prompt_tokens_per_session + p.steps_per_s / p.profile["sessions_per_s"] * p.profile["output_tokens"]
+        print(f"| tokens per session (planned / agent traces) | {per:,.0f} | {m['trace_tokens_per_session']:,.0f} | "
+              f"{m['trace_tokens_per_session'] / per:.2f} |")
+        ok = abs(m["tokens_per_s"] / p.llm_tokens_per_s - 1) <= 0.25
+        print(f"\nwithin 25 %: {'yes' if ok else 'NO'}")
+    if "conc" in results:
+        (bare_wall, bare_lat), wall, lat, replies = results["conc"]
+        n = len(replies)
+        ok = sum(1 for r in replies if r.get("reply") is not None)
+        conc = [st["overhead_ms"] for r in replies for st in r["steps"]]
+        print(f"\n### {n} concurrent sessions vs {2 * n} bare guided calls\n")
+        print("| measure | value |")
+        print("|---|---|")
+        print(f"| completed with an answer | {ok}/{n} |")
+        print(f"| agent wall / bare wall | {wall:.1f} s / {bare_wall:.1f} s = {wall / bare_wall:.2f}x |")
+        print(f"| turn latency p50 / p95 | {_pct(lat, .5):.2f} s / {_pct(lat, .95):.2f} s |")
+        print(f"| overhead per step under load p50 / p95 | {_pct(conc, .5):.1f} ms / {_pct(conc, .95):.1f} ms |")
+        print(f"| bare call latency p50 | {statistics.median(bare_lat):.2f} s |")
+    if "many" in results:
+        m, (a0, t0, n0), (a1, t1, n1), ingress, size0, size1 = results["many"]
+        print(f"\n### {args.many} sessions at once (create, one message each, read)\n")
+        print("| measure | value |")
+        print("|---|---|")
+        print(f"| created / errors | {m['created']} / {m['create_errors']} (wall {m['create_wall']:.1f} s, "
+              f"p50 {m['create_p50'] * 1000:.0f} ms, p95 {m['create_p95'] * 1000:.0f} ms) |")
+        print(f"| answered / errors | {m['answered']} / {m['send_errors']} (wall {m['send_wall']:.1f} s, "
+              f"turn p50 {m['send_p50']:.1f} s, p95 {m['send_p95']:.1f} s) |")
+        for why, k in m["unanswered"].items():
+            print(f"| turns that ended without an answer | {k}: {why} |")
+        writes = m["steps"] + 2 * m["answered"] + m["created"]
+        print(f"| store writes | {writes} ({writes / m['send_wall']:.0f}/s during the messages); SQLite "
+              f"{size0 / 2**20:.1f} -> {size1 / 2**20:.1f} MiB, {m['doc_bytes'] / 1000:.1f} kB a session (GET body) |")
+        print(f"| read back / errors | {m['created'] - m['get_errors']} / {m['get_errors']} (wall {m['get_wall']:.1f} s, "
+              f"p50 {m['get_p50'] * 1000:.0f} ms) |")
+        print(f"| session actors' RSS before / after | {a0:.0f} / {a1:.0f} MB (2 actors) |")
+        print(f"| their tool processes (PSS) | {n0} / {n1} processes, {t0:.0f} / {t1:.0f} MB |")
+        print(f"| ingress replica(s) RSS after | {ingress:.0f} MB |")
 
 
 if __name__ == "__main__":

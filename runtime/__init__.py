@@ -25,6 +25,7 @@ _EXPORTS = {
     "run": "runtime.run",
     "classify": "runtime.classify",
     "plan": "runtime.planning",
+    "plan_agent": "runtime.planning_agents",
     "write_tiny_model": "runtime.tiny_model",
     "init_ray": "runtime.ray_env",
     "ray_session": "runtime.ray_env",

@@ -1,8 +1,12 @@
-"""Capacity planning: weights, KV cache, GPU fit, load time and replica counts.
+"""Capacity planning: weights, KV cache, GPU fit, load time and replica counts; for agents
+(``plan(agent=...)``), LLM load, replicas, session actors and the session store
+(``runtime.planning_agents``).
 
 >>> from runtime.planning import plan
 >>> plan(params=7e9, dtype="fp16").weights_gb_si
 14.0
+>>> plan(agent={"sessions_per_s": 1, "steps_per_session": 2, "prompt_tokens": 500, "output_tokens": 20}).llm_tokens_per_s
+1060.0
 
 Sizes: ``*_gb`` are in the GPU world's gigabytes, GiB (2**30 bytes: what GPU memory and
 ``nvidia-smi`` report), so they compare directly with a GPU's memory; ``*_gb_si`` are decimal
@@ -74,7 +78,7 @@ def normalize_gpu(name: str) -> str:
 
 
 def plan(
-    params: float,
+    params: float | None = None,
     dtype: str = "fp16",
     *,
     layers: int | None = None,
@@ -90,8 +94,20 @@ def plan(
     streams_per_replica: float | None = None,
     peak_to_average: float = 1.0,
     headroom: float = 1.5,
-) -> CapacityPlan:
-    """Size a model deployment. KV cache needs layers, kv_heads and head_dim (else it is 0)."""
+    agent: dict | None = None,
+):
+    """Size a model deployment (a ``CapacityPlan``). KV cache needs layers, kv_heads and head_dim
+    (else it is 0). With ``agent`` (an agent profile: ``runtime.planning_agents.AgentProfile``
+    fields), size an agent deployment instead (an ``AgentPlan``)."""
+    if agent is not None:
+        if params is not None:
+            raise UsageError("plan either a model (--params) or an agent (--agent), not both",
+                             hint="run raylane plan twice: the agent plan's replica count uses your model's throughput")
+        from runtime.planning_agents import plan_agent
+
+        return plan_agent(agent)
+    if params is None:
+        raise UsageError("--params is required (or --agent for an agent profile)", hint="e.g. --params 7e9")
     if params <= 0:
         raise UsageError("--params must be positive", hint="e.g. --params 7e9")
     if dtype not in BYTES_PER_PARAM:

@@ -26,6 +26,7 @@ import re
 from typing import Any
 
 from runtime.agents.loop import ApprovalError
+from runtime.agents.store import check_shared
 from runtime.agents.worker import (
     SESSION_ID_RE,
     SessionNotFound,
@@ -113,6 +114,7 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
         def __init__(self, app_config: dict):
             if auth == "api-key":
                 load_api_keys()
+            check_shared(**app_config["store"])  # SQLite on a multi-node cluster: one file for every node
             self.router = SessionRouter(app_config)
 
         @api.get("/health")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.errors import RaylaneError
+from runtime.shared_paths import require_shared
 
 
 class SessionStore(Protocol):
@@ -191,6 +192,18 @@ class RedisStore:
 
 def default_sqlite_path(run_dir: str) -> str:
     return f"{run_dir}/sessions.db"
+
+
+def check_shared(backend: str, url: str | None, run_dir: str) -> None:
+    """Refuse a SQLite store that some node of a multi-node cluster cannot see (Redis is shared by
+    construction). Session actors land on any node, so the file must be one file for all of them."""
+    target = url or default_sqlite_path(run_dir)
+    if backend != "sqlite" or "://" in target:  # a URI is refused by open_store with its own message
+        return
+    path = Path(target).expanduser()
+    require_shared(str(path.parent), field="sessions", fix=(
+        "use sessions: {backend: redis, url: redis://HOST:6379/0} (a store every node reaches), or put "
+        "storage.root (or sessions.url) on a folder mounted at the same path on every node"))
 
 
 def open_store(backend: str, url: str | None, run_dir: str, app_name: str = "agent") -> SessionStore:

@@ -6,8 +6,9 @@
 
 A tool is ``module:function`` in the spec. Its argument schema comes from the spec's
 ``parameters`` or the function's ``PARAMETERS`` attribute; the model's call is validated against
-it before the tool runs. Tools run as Ray tasks (see ``runtime.agents.toolrun``), so they must
-be importable on the workers, and their return value is shown to the model as text.
+it before the tool runs. Tools run in processes beside the session workers, or in Ray tasks
+(see ``runtime.agents.toolrun``), so they must be importable on the workers, and their return
+value is shown to the model as text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.agents.retrieval import RETRIEVE_PARAMETERS
 from runtime.errors import RaylaneError
 from runtime.imports import load_callable
 
@@ -96,6 +96,7 @@ class Tool:
     requires_approval: bool = False  # each call waits for a person's decision (POST /sessions/ID/approvals)
     idempotent: bool = False  # deduplicates by its idempotency key: safe to re-send after a crash
     takes_key: bool = False  # the function accepts an ``idempotency_key`` keyword (MCP: always, in _meta)
+    isolation: str = "process"  # process, thread or ray_task (runtime.agents.toolrun)
 
 
 KEY_ARGUMENT = "idempotency_key"  # the keyword a Python tool declares to receive its call's key
@@ -142,8 +143,12 @@ def load_tools(tool_specs: list, retrieval: Any | None = None, index_uri: str | 
         desc = t.description or (inspect.getdoc(fn) or t.name).splitlines()[0]
         tools.append(Tool(t.name, t.import_path, desc, params, t.timeout_s, t.retries, t.max_concurrency, t.num_cpus,
                           side_effects=t.side_effects, requires_approval=t.requires_approval,
-                          idempotent=t.idempotent, takes_key=takes_key(fn)))
+                          idempotent=t.idempotent, takes_key=takes_key(fn), isolation=t.isolation))
     if retrieval is not None:
+        # Imported here: retrieval needs pyarrow (~1 s), which a tool process running only the
+        # calculator should not load.
+        from runtime.agents.retrieval import RETRIEVE_PARAMETERS
+
         tools.append(Tool(
             "retrieve", "runtime.agents.retrieval:retrieve",
             "Search the document index; returns the best matching passages or 'no results'.",

@@ -118,8 +118,8 @@ class SessionWorkerImpl:
         return self.loop
 
     async def warm(self) -> int:
-        """Start a tool task worker, the MCP servers and the LLM connection before the first
-        session needs them (a missing MCP tool fails here, at the agent's start)."""
+        """Start a tool process (or task worker), the MCP servers and the LLM connection before
+        the first session needs them (a missing MCP tool fails here, at the agent's start)."""
         await self._loop()
         await self.tools.warm()
         await self.llm.warm()
@@ -128,6 +128,7 @@ class SessionWorkerImpl:
     async def close(self) -> bool:
         """End the MCP connections (stdio servers exit); ``raylane run`` calls it on exit."""
         await self.mcp.close()
+        await self.tools.aclose()
         return True
 
     def _owned(self, session_id: str, owner: str | None) -> dict:
@@ -297,7 +298,7 @@ class SessionRouter:
         return total
 
     def warm(self, timeout_s: float = 120) -> list[int]:
-        """Start every session actor, a tool task worker and the LLM connection: no cold start on the first messages."""
+        """Start every session actor, its tool process and the LLM connection: no cold start on the first messages."""
         import uuid
 
         import ray

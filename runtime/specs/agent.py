@@ -71,7 +71,7 @@ class AgentLLM(StrictModel):
 
 
 class ToolSpec(StrictModel):
-    """A Python function the agent may call; runs as a Ray task with a timeout and retries."""
+    """A Python function the agent may call, beside the session worker (see isolation), with a timeout and retries."""
 
     name: str = Field(description="Name the model uses to call the tool (letters, digits, '_' and '-').")
     import_path: str = Field(description="module:function implementing the tool; takes the arguments as keywords.")
@@ -79,7 +79,14 @@ class ToolSpec(StrictModel):
     timeout_s: float = Field(10.0, gt=0, description="Seconds one attempt may take before it is cancelled.")
     retries: int = Field(1, ge=0, description="Extra attempts after a failure or timeout.")
     max_concurrency: int = Field(4, ge=1, description="Calls of this tool running at once across all sessions.")
-    num_cpus: float = Field(0.0, ge=0, description="CPUs one call reserves (0: I/O-bound tools).")
+    num_cpus: float = Field(
+        0.0, ge=0, description="CPUs one call reserves (0: I/O-bound tools; > 0 needs isolation: ray_task).")
+    isolation: Literal["process", "thread", "ray_task"] | None = Field(
+        None, description="Where a call runs. process: a pooled process beside the session worker, killed on a timeout "
+        "(~0.1 ms a call); thread: in the session worker itself (cheapest, but a timed-out call is abandoned, not "
+        "killed: only for trusted tools that cannot hang); ray_task: a Ray task per call (~5 ms; honours num_cpus). "
+        "Default: ray_task when num_cpus > 0, else process.",
+    )
     parameters: dict[str, Any] | None = Field(
         None, description="JSON schema of the arguments; default: the function's own PARAMETERS attribute."
     )
@@ -110,6 +117,15 @@ class ToolSpec(StrictModel):
     @classmethod
     def _path(cls, v: str) -> str:
         return check_import_path(v, example="module:function, e.g. runtime.agents.tools:calculator")
+
+    @model_validator(mode="after")
+    def _isolation(self):
+        if self.isolation is None:
+            self.isolation = "ray_task" if self.num_cpus > 0 else "process"
+        elif self.num_cpus > 0 and self.isolation != "ray_task":
+            raise ValueError(f"num_cpus reserves CPUs through Ray's scheduler, which only isolation: ray_task uses "
+                             f"(got isolation: {self.isolation}); set isolation: ray_task, or num_cpus: 0")
+        return self
 
 
 MCP_SERVER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")

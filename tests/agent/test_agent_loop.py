@@ -186,3 +186,65 @@ def test_session_calls_an_mcp_tool_over_stdio_with_guided_arguments(vllm_url, tm
     tool_spans = [s for s in spans.get_finished_spans() if s.name == "agent.tool"]
     assert len(tool_spans) == 2 and all(s.attributes["tool.mcp_server"] == "mcp" for s in tool_spans)
     assert all(s.attributes["tool.success"] is True for s in tool_spans)
+
+
+def _engine_tokens(vllm_url: str) -> float:
+    import re
+
+    import httpx
+
+    text = httpx.get(vllm_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(
+        r"^vllm:(?:prompt|generation)_tokens_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_planner_predicts_the_llm_load_of_sessions_arriving_at_a_known_rate(vllm_url, tmp_path):
+    """Issue 18 item 5: the agent plan's LLM tokens/s within 25 % of what the engine counted,
+    with the calculator in the session worker's tool processes (runtime.agents.toolproc)."""
+    import random
+    import statistics
+    import time
+
+    from runtime.agents.toolrun import ToolRunner
+    from runtime.planning_agents import plan_agent
+
+    loop, cfg, store = make_loop(vllm_url, tmp_path, llm={"max_tool_rounds": 1})
+    runner = ToolRunner(cfg.tools)
+    loop.run_tool = runner.call
+    rng = random.Random(1)
+
+    def ask(i):
+        return loop.send(new_session(f"s{i}", cfg), f"What is {rng.randint(2, 999)} * {rng.randint(2, 99)}?")
+
+    # The profile, from a few sessions one at a time (what an operator measures first).
+    calib = [run(ask(i))["steps"] for i in range(4)]
+    assert all(s[0]["action"] == "tool" and s[0]["tool"]["ok"] for s in calib)
+    profile = {"sessions_per_s": 4.0, "steps_per_session": statistics.mean(len(s) for s in calib),
+               "tool_calls_per_session": 1, "prompt_tokens": statistics.mean(s[0]["llm"]["tokens_in"] for s in calib),
+               "output_tokens": statistics.mean(st["llm"]["tokens_out"] for s in calib for st in s),
+               "tool_result_tokens": statistics.mean(s[1]["llm"]["tokens_in"] - s[0]["llm"]["tokens_in"]
+                                                     - s[0]["llm"]["tokens_out"] for s in calib)}
+    planned = plan_agent(profile).llm_tokens_per_s
+
+    async def load(rate=4.0, seconds=6.0, warm=1.5):
+        marks = {}
+
+        async def mark(name, at):
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            marks[name] = (time.perf_counter(), await asyncio.to_thread(_engine_tokens, vllm_url))
+
+        t0 = time.perf_counter()
+        markers = [asyncio.ensure_future(mark("a", t0 + warm)), asyncio.ensure_future(mark("b", t0 + seconds))]
+        tasks = []
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(ask(100 + i)))
+        replies = await asyncio.gather(*tasks, *markers)
+        (ta, ka), (tb, kb) = marks["a"], marks["b"]
+        return replies[:len(tasks)], (kb - ka) / (tb - ta)
+
+    replies, measured = run(load())
+    run(runner.aclose())
+    assert all(r["reply"] is not None for r in replies)
+    assert 1 <= runner.procs.started <= 4 < len(replies)  # tool processes reused, at most max_concurrency
+    assert measured == pytest.approx(planned, rel=0.25), (planned, measured, profile)
