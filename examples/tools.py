@@ -47,3 +47,21 @@ inventory.PARAMETERS = {
     "required": ["item"],
     "additionalProperties": False,
 }
+
+
+def append_line(file: str, text: str, idempotency_key: str | None = None) -> str:
+    """Append a line to a file (a side effect: each run adds one line, key first).
+
+    The runtime passes ``idempotency_key`` (the same for every retry of one call); a tool that
+    must not repeat an effect would look the key up before acting. This one does not, so
+    tests can count how often it really ran.
+    """
+    with open(file, "a") as f:
+        f.write(f"{idempotency_key}\t{text}\n")
+    return f"appended {text!r}"
+
+
+def append_line_parameters(file: str) -> dict:
+    """``append_line``'s schema with the file fixed (a const the model cannot change)."""
+    return {"type": "object", "additionalProperties": False, "required": ["file", "text"],
+            "properties": {"file": {"const": file}, "text": {"type": "string", "pattern": "^[a-z]{1,8}$"}}}

@@ -3,7 +3,10 @@
     POST   /sessions                    {"allow_tools": [...] optional} -> {"id": ..., "status": ...}
     POST   /sessions/{id}/messages      {"content": ..., "stream": false}
                                         -> the reply record, or NDJSON step records then the reply
-    GET    /sessions/{id}               -> messages, steps (one record per step), usage, errors
+    POST   /sessions/{id}/approvals     {"call_id": ..., "decision": "approve"|"reject", "arguments": {...},
+                                         "reason": "..."} -> the reply record of the resumed turn
+    GET    /sessions/{id}               -> messages, steps (one record per step), usage, errors,
+                                           pending_approval (status awaiting_approval)
     DELETE /sessions/{id}               -> {"id": ..., "deleted": true} (frees one of the key's quota)
     GET    /stats                       -> tool success rate, steps, budget breaches (this replica's actors)
     POST   /v1/responses                OpenAI's Responses API: one session turn (runtime.agents.responses)
@@ -25,6 +28,7 @@ import logging
 import re
 from typing import Any
 
+from runtime.agents.loop import ApprovalError
 from runtime.agents.responses import ResponsesAPI, check_body
 from runtime.agents.store import check_shared
 from runtime.agents.worker import (
@@ -169,6 +173,8 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
             try:
                 if body.get("stream"):
                     session = await self.router.get(session_id, owner)
+                    if session["status"] == "awaiting_approval":
+                        return _paused(session)
                     if session["status"] != "active":
                         return _ended(session)
                     return StreamingResponse(_ndjson(self.router.send_stream(session_id, content, owner)),
@@ -176,9 +182,26 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
                 reply = await self.router.send(session_id, content, owner)
             except SessionNotFound:
                 raise _missing(session_id) from None
+            if reply.get("reply") is None and reply["status"] == "awaiting_approval" and not reply["steps"]:
+                return _paused(reply)
             if reply.get("reply") is None and reply["status"] != "active" and not reply["steps"]:
                 return _ended(reply)
             return reply
+
+        @api.post("/sessions/{session_id}/approvals")
+        async def approve(self, session_id: str, request: Request):
+            _sid(session_id)
+            body = await _json(request)  # checked by request_validator in the guard
+            try:
+                return await self.router.decide(session_id, body["call_id"], body["decision"], body.get("arguments"),
+                                                body.get("reason"), _owner(request))
+            except SessionNotFound:
+                raise _missing(session_id) from None
+            except ApprovalError as e:
+                e = getattr(e, "cause", e)  # Ray's wrapper keeps the worker's error as its cause
+                kind = "approval_conflict" if e.status == 409 else "invalid_request_error"
+                return JSONResponse(status_code=e.status, content=json.loads(error_body(
+                    e.status, e.message, kind, request.headers.get("x-request-id", ""), e.param)))
 
         @api.get("/stats")
         async def stats(self) -> dict:
@@ -200,6 +223,8 @@ _MESSAGES = re.compile(r"(?:^|/)sessions/[^/]*/messages/?$")
 _RESPONSES = re.compile(r"(?:^|/)v1/responses/?$")
 # The guard's route allow-list: anything else is a 404 before any work.
 ROUTES = Routes(["/sessions", "/stats", "/v1/responses"], ["/sessions/", "/v1/responses/"])
+_APPROVALS = re.compile(r"(?:^|/)sessions/[^/]*/approvals/?$")
+MAX_REASON_CHARS = 2000
 
 
 def request_validator(max_message_chars: int, tool_names: list[str], model: str | None = None):
@@ -243,8 +268,34 @@ def request_validator(max_message_chars: int, tool_names: list[str], model: str 
                                 param=unknown[0])
             if not isinstance(body.get("stream", False), bool):
                 raise HTTPError(400, "stream must be true or false", param="stream")
+        elif _APPROVALS.search(path):
+            check_approval(body)
 
     return validate
+
+
+def check_approval(body: Any) -> None:
+    """The body of ``POST /sessions/ID/approvals`` (the tool's schema is checked by the session actor).
+
+    >>> check_approval({"call_id": "c1", "decision": "reject", "reason": "not today"})
+    """
+    example = 'e.g. {"call_id": "<pending_approval.call_id>", "decision": "approve"}'
+    if not isinstance(body, dict):
+        raise HTTPError(400, f"body must be a JSON object, {example}")
+    unknown = sorted(set(body) - {"call_id", "decision", "arguments", "reason"})
+    if unknown:
+        raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}; an approval accepts call_id, decision, "
+                             "arguments and reason", param=unknown[0])
+    if not isinstance(body.get("call_id"), str) or not body["call_id"]:
+        raise HTTPError(400, f"call_id must be the pending call's id from GET /sessions/ID ({example})",
+                        param="call_id")
+    if body.get("decision") not in ("approve", "reject"):
+        raise HTTPError(400, f'decision must be "approve" or "reject" (got {body.get("decision")!r})', param="decision")
+    if "arguments" in body and not isinstance(body["arguments"], dict):
+        raise HTTPError(400, "arguments must be a JSON object (the edited arguments of the call)", param="arguments")
+    reason = body.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
+        raise HTTPError(400, f"reason must be a string of at most {MAX_REASON_CHARS} characters", param="reason")
 
 
 async def _json(request) -> Any:
@@ -258,6 +309,19 @@ async def _json(request) -> Any:
     except ValueError:
         raise HTTPException(400, "request body is not valid JSON") from None
 
+
+
+def _paused(record: dict):
+    from fastapi.responses import JSONResponse
+
+    pending = record.get("pending_approval") or {}
+    sid = record.get("session_id") or record.get("id")
+    return JSONResponse(status_code=409, content={
+        "error": {"message": f"session {sid} is awaiting approval of call {pending.get('call_id')} "
+                             f"({pending.get('tool')}); decide first with POST /sessions/{sid}/approvals "
+                             '{"call_id": ..., "decision": "approve" or "reject"}',
+                  "type": "awaiting_approval", "param": "call_id", "code": 409},
+        "pending_approval": pending})
 
 
 def _ended(record: dict):

@@ -17,10 +17,24 @@ never instructions. They keep the ``user`` role because chat templates differ in
 render (many reject a ``tool`` message without a native tool call before it). A tool marked
 ``side_effects`` runs only in sessions created with ``allow_tools`` naming it; otherwise the call
 is a ``refused`` step and the model is told why.
+
+A tool marked ``requires_approval`` pauses the session on its call (status
+``awaiting_approval``, the call in ``pending_approval``) and the turn returns; nothing waits in
+memory. ``resolve`` applies a person's decision later, in any actor: approve runs the call (with
+edited arguments if given), reject feeds the model a refused step, and the turn continues.
+
+Exactly-once side effects: every tool call gets ``idempotency_key(session, step, call)``, and the
+tool receives it. Before a side-effecting call runs, its intent (the action and the step so far)
+is saved in ``session["calls"]``, and its result right after; the step's own save drops the
+record. A step retried after a crash (``settle``, or a repeated decision) finds the record and
+reuses the result. A record with no result (the actor died during the call) means the outcome is
+unknown: an ``idempotent`` tool gets the same key again, any other becomes a failed call of
+unknown outcome, never a second run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -35,10 +49,32 @@ from runtime.agents.store import SessionStore
 from runtime.agents.telemetry import AgentMetrics, tracer
 from runtime.agents.tools import Tool
 
-RunTool = Callable[[str, dict], Awaitable[dict]]
+RunTool = Callable[..., Awaitable[dict]]  # (name, arguments, idempotency_key=KEY) -> result dict
 # The fewest output tokens a step's LLM call is given under a turn's max_output_tokens (below
 # this a guided action cannot close its JSON; the turn stops instead).
 MIN_CALL_TOKENS = 16
+
+
+def idempotency_key(session_id: str, step: int, call: int = 0) -> str:
+    """The key of a tool call, from (session id, step number, call index in the step): a step
+    retried after a crash or a resume computes the same key. A hash, so the session id (a
+    capability with ``auth: none``) never reaches a tool or an external system.
+
+    >>> idempotency_key("s1", 3) == idempotency_key("s1", 3, 0) != idempotency_key("s1", 4)
+    True
+    """
+    return hashlib.sha256(f"raylane-tool-call\0{session_id}\0{step}\0{call}".encode()).hexdigest()[:32]
+
+
+class ApprovalError(Exception):
+    """A decision that cannot apply: ``status`` is the HTTP answer, ``param`` the body field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(status, message, param)
+        self.status, self.message, self.param = status, message, param
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -98,6 +134,8 @@ def system_message(config: AgentConfig) -> str:
         lines.append("Tools you can call:")
         for t in config.tools:
             note = " (has side effects: runs only if this session allows it)" if t.side_effects else ""
+            if t.requires_approval:
+                note += " (each call waits for a person's approval, who may reject it)"
             lines.append(f"- {t.name}: {t.description}{note} Arguments (JSON schema): {json.dumps(t.parameters)}")
         lines.append('To call a tool reply with exactly {"tool": NAME, "arguments": {...}}.')
         lines.append(UNTRUSTED_NOTE)
@@ -163,6 +201,8 @@ def new_session(session_id: str | None, config: AgentConfig, owner: str | None =
         "usage": {"steps": 0, "tokens_in": 0, "tokens_out": 0, "tokens": 0, "wall_s": 0.0,
                   "tool_calls": 0, "tool_failures": 0, "invalid_in_row": 0},
         "errors": {},
+        "pending_approval": None,  # the tool call waiting for a person's decision (status awaiting_approval)
+        "calls": {},  # idempotency key -> intent/result of a side-effecting call whose step is not saved yet
     }
 
 
@@ -205,6 +245,8 @@ class AgentLoop:
         self.store = store
         self.metrics = metrics or AgentMetrics(config.app)
         self._system = system_message(config)
+        # Called after a call's result is recorded, before its step is saved (tests kill the actor here).
+        self.after_record: Callable[[dict, str], None] | None = None
 
     def prompt(self, session: dict) -> list[dict]:
         system = self._system
@@ -238,8 +280,6 @@ class AgentLoop:
         left); the turn stops without an answer (``stopped: max_output_tokens``, the session stays
         active) when fewer than ``MIN_CALL_TOKENS`` are left.
         """
-        cfg = self.config
-        budgets = cfg.budgets
         if session["status"] != "active":
             yield self._reply(session, None, [])
             return
@@ -250,9 +290,16 @@ class AgentLoop:
             message["instructions"] = instructions
         session["messages"].append(message)
         await self._save(session)
-        turn_steps: list[dict] = []
+        async for event in self._run(session, [], max_output_tokens=max_output_tokens):
+            yield event
+
+    async def _run(self, session: dict, turn_steps: list[dict], *,
+                   max_output_tokens: int | None = None) -> AsyncIterator[dict]:
+        """Steps until an answer, an LLM error, a spent budget, ``max_output_tokens`` or a call
+        awaiting approval."""
+        cfg = self.config
+        budgets = cfg.budgets
         answer = stopped = None
-        rounds = 0
         while True:
             breach = _budget_breach(session, budgets)
             if breach:
@@ -265,16 +312,16 @@ class AgentLoop:
                     stopped = "max_output_tokens"
                     break
                 call_tokens = min(call_tokens, left)
+            # Counted from the saved steps, so a turn resumed after an approval keeps its rounds.
+            rounds = sum(1 for s in session["steps"] if s["turn"] == session["turn"] and s["action"] in ("tool", "refused"))
             allow_tools = bool(cfg.tools) and rounds < cfg.max_tool_rounds
             allow_answer = not (cfg.tool_choice == "required" and rounds == 0 and allow_tools)
             step = await self._step(session, allow_tools, allow_answer, call_tokens)
             turn_steps.append(step)
-            if step["action"] in ("tool", "refused"):
-                rounds += 1
             await self._save(session)
             yield {"type": "step", **step}
-            if step["action"] == "answer":
-                answer = step["answer"]
+            if step["action"] in ("answer", "awaiting_approval"):
+                answer = step.get("answer")
                 break
             if step["action"] == "llm_error":
                 # A call cut short by the wall budget ends the session; other LLM errors end the turn.
@@ -286,12 +333,122 @@ class AgentLoop:
         session["turn_open"] = False
         if session["status"] == "active" and answer is None and turn_steps and turn_steps[-1]["action"] == "llm_error":
             session["last_error"] = turn_steps[-1]["error"]
-        self.metrics.steps(len(turn_steps))
+        if session["status"] != "awaiting_approval":
+            self.metrics.steps(len(turn_steps))
         await self._save(session)
         reply = self._reply(session, answer, turn_steps)
         if stopped:
             reply["stopped"] = stopped
         yield reply
+
+    # -- approvals ------------------------------------------------------------------------------
+
+    def check_decision(self, session: dict, call_id: str, decision: str, arguments: dict | None) -> None:
+        """Raise ``ApprovalError`` unless the decision applies to the session's pending call."""
+        pending = session.get("pending_approval")
+        if session["status"] != "awaiting_approval" or not pending:
+            raise ApprovalError(409, f"session {session['id']} has no call awaiting approval (status: "
+                                     f"{session['status']})", "call_id")
+        if call_id != pending["call_id"]:
+            raise ApprovalError(409, f"call_id {call_id!r} is not the pending call; the session awaits approval of "
+                                     f"call {pending['call_id']} ({pending['tool']}): GET /sessions/{session['id']}",
+                                "call_id")
+        if arguments is None:
+            return
+        if decision != "approve":
+            raise ApprovalError(400, "arguments are only for approve (edited arguments to run the call with)",
+                                "arguments")
+        from jsonschema import Draft202012Validator
+
+        tool = self.config.tools_by_name[pending["tool"]]
+        errors = sorted(Draft202012Validator(tool.parameters).iter_errors(arguments), key=lambda e: list(e.path))
+        if errors:
+            where = "/".join(str(p) for p in errors[0].path) or "arguments"
+            raise ApprovalError(400, f"arguments do not fit the schema of {tool.name}: {where}: {errors[0].message}",
+                                "arguments")
+
+    async def resolve(self, session: dict, call_id: str, decision: str, arguments: dict | None = None,
+                      reason: str | None = None) -> AsyncIterator[dict]:
+        """Apply a person's decision to the pending call, then continue the turn: yields the
+        completed step, the turn's next steps and the reply (as ``turn`` does). Safe to repeat
+        after a crash: the decision is saved before the call runs, and a recorded result is reused."""
+        self.check_decision(session, call_id, decision, arguments)
+        pending = session["pending_approval"]
+        step = next(s for s in reversed(session["steps"]) if s["n"] == pending["step"])
+        tool = self.config.tools_by_name[pending["tool"]]
+        # A decision saved by a run that died before its step was saved: the first decision holds.
+        approval = pending.get("decision") or {
+            "decision": decision, "reason": reason, "requested": pending["requested"], "decided": time.time(),
+            "arguments": arguments, "edited": arguments is not None and arguments != pending["arguments"]}
+        decision, arguments, reason = approval["decision"], approval["arguments"], approval["reason"]
+        pending["decision"] = approval
+        session["turn_open"] = True
+        await self._save(session)
+        t0 = time.perf_counter()
+        tool_s = 0.0
+        if decision == "approve":
+            args = pending["arguments"] if arguments is None else arguments
+            if approval["edited"]:
+                session["messages"].append({"role": "feedback", "turn": session["turn"], "content":
+                                            f"A reviewer approved the call of {tool.name} with edited arguments: "
+                                            f"{json.dumps(args)}"})
+            tool_s = await self._call_tool(session, step, {"tool": tool.name, "arguments": args}, key=call_id,
+                                           announce=False)
+        else:
+            why = f": {reason}" if reason else ""
+            problem = f"a reviewer rejected this call of {tool.name}{why}; do not repeat it, answer without it"
+            step.update(action="refused", error=problem, tool={**step["tool"], "ok": False, "refused": True})
+            self._count_error(session, f"tool_rejected:{tool.name}")
+            session["messages"].append({"role": "feedback", "content": f"Refused: {problem}", "turn": session["turn"]})
+        step["tool"]["call_id"] = call_id
+        step["approval"] = {k: v for k, v in approval.items() if k != "arguments"}
+        seconds = time.perf_counter() - t0
+        session["usage"]["wall_s"] = round(session["usage"]["wall_s"] + seconds, 4)  # the wait is not counted
+        step["seconds"] = round(step["seconds"] + seconds, 4)
+        step["overhead_ms"] = round(step["overhead_ms"] + (seconds - tool_s) * 1000, 3)
+        session["status"], session["pending_approval"] = "active", None
+        session.setdefault("calls", {}).pop(call_id, None)  # the step now holds the result
+        await self._save(session)
+        yield {"type": "step", **step}
+        async for event in self._run(session, [step]):
+            yield event
+
+    def _await_approval(self, session: dict, step: dict, action: dict) -> None:
+        """Pause the session on a call that needs a person's decision (saved by the caller)."""
+        tool = self.config.tools_by_name[action["tool"]]
+        key = idempotency_key(session["id"], step["n"])
+        pending = {"call_id": key, "tool": tool.name, "arguments": action["arguments"], "step": step["n"],
+                   "turn": session["turn"], "requested": time.time()}
+        step.update(action="awaiting_approval", tool={"name": tool.name, "kind": tool.kind,
+                                                      "arguments": action["arguments"], "call_id": key})
+        session["status"], session["pending_approval"] = "awaiting_approval", pending
+        session["messages"].append({"role": "assistant", "content": json.dumps(action), "turn": session["turn"]})
+
+    # -- exactly-once side effects --------------------------------------------------------------
+
+    async def settle(self, session: dict) -> dict | None:
+        """Finish the step a dead actor left between a side-effecting call's intent record and the
+        step's save (its tool call is not run again when its result was recorded); returns the
+        completed step, None when there was none. Called before a resumed session's next turn."""
+        calls = session.get("calls") or {}
+        n = session["usage"]["steps"] + 1
+        key = next((k for k, c in calls.items() if c["step"]["n"] == n), None)
+        if key is None or session.get("status") == "awaiting_approval":
+            return None
+        record = calls[key]
+        step = dict(record["step"])
+        t0 = time.perf_counter()
+        tool_s = await self._call_tool(session, step, record["action"], key=key, announce=False)
+        seconds = time.perf_counter() - t0
+        session["usage"]["steps"] += 1
+        session["usage"]["wall_s"] = round(session["usage"]["wall_s"] + seconds, 4)
+        step["seconds"] = round(step.get("seconds", 0.0) + seconds, 4)
+        step["overhead_ms"] = round(step.get("overhead_ms", 0.0) + (seconds - tool_s) * 1000, 3)
+        step["resumed"] = True
+        session["steps"].append(step)
+        calls.pop(key, None)
+        await self._save(session)
+        return step
 
     async def _save(self, session: dict) -> None:
         # On the event loop on purpose: a write is well under a millisecond, and writes from a
@@ -301,6 +458,7 @@ class AgentLoop:
     def _reply(self, session: dict, answer: str | None, steps: list[dict]) -> dict:
         return {"type": "reply", "session_id": session["id"], "turn": session["turn"], "reply": answer,
                 "status": session["status"], "end_reason": session["end_reason"],
+                "pending_approval": session.get("pending_approval"),
                 "error": None if answer is not None or session["status"] != "active" else session.get("last_error"),
                 "steps": steps, "usage": dict(session["usage"])}
 
@@ -369,6 +527,9 @@ class AgentLoop:
                     session["messages"].append({"role": "assistant", "content": action["answer"], "turn": session["turn"]})
                 elif self._refused(session, step, action):
                     u["invalid_in_row"] = 0
+                elif cfg.tools_by_name[action["tool"]].requires_approval:
+                    u["invalid_in_row"] = 0
+                    self._await_approval(session, step, action)
                 else:
                     u["invalid_in_row"] = 0
                     tool_s = await self._call_tool(session, step, action)
@@ -382,6 +543,7 @@ class AgentLoop:
         # Orchestration overhead: everything but the model and the tool's own run time.
         step["overhead_ms"] = round((seconds - llm_s - tool_s) * 1000, 3)
         session["steps"].append(step)
+        (session.get("calls") or {}).pop(idempotency_key(session["id"], step["n"]), None)  # the step holds it now
         return step
 
     def _refused(self, session: dict, step: dict, action: dict) -> bool:
@@ -399,21 +561,56 @@ class AgentLoop:
         session["messages"].append({"role": "feedback", "content": f"Refused: {problem}", "turn": session["turn"]})
         return True
 
-    async def _call_tool(self, session: dict, step: dict, action: dict) -> float:
+    async def _call_tool(self, session: dict, step: dict, action: dict, key: str | None = None,
+                         announce: bool = True) -> float:
+        """Run (or, for a retried step, reuse) the tool call and record it in ``step``.
+
+        A side-effecting call (``side_effects`` or ``requires_approval``) is recorded in
+        ``session["calls"]`` under its idempotency key: the intent (with the step so far) is saved
+        before the call runs and the result right after, so a step retried after a crash reuses
+        the result. An intent without a result (the actor died during the call) is re-sent with
+        the same key only to a tool marked ``idempotent``; otherwise it becomes a failed call of
+        unknown outcome, never a second run (at most once)."""
         u = session["usage"]
         tool = self.config.tools_by_name[action["tool"]]
-        session["messages"].append({"role": "assistant", "content": json.dumps(action), "turn": session["turn"]})
+        key = key or idempotency_key(session["id"], step["n"])
+        if announce:
+            session["messages"].append({"role": "assistant", "content": json.dumps(action), "turn": session["turn"]})
+        calls = session.setdefault("calls", {})
+        recorded = calls.get(key)
+        reused = recorded is not None and recorded.get("out") is not None
         with tracer().start_as_current_span(f"agent.{tool.kind}") as tspan:
             tspan.set_attribute("tool.name", tool.name)
             if tool.mcp_server:
                 tspan.set_attribute("tool.mcp_server", tool.mcp_server)
-            out = await self.run_tool(tool.name, action["arguments"])
+            tspan.set_attribute("tool.idempotency_key", key)
+            if reused:
+                out = recorded["out"]
+            elif recorded is not None and not tool.idempotent:
+                out = {"ok": False, "attempts": 0, "seconds": 0.0, "tool_seconds": 0.0, "unknown_outcome": True,
+                       "error": f"the session's worker stopped while this call of {tool.name} ran: it may or may not "
+                                "have taken effect (not re-run: the tool is not marked idempotent)"}
+            else:
+                if tool.side_effects or tool.requires_approval:
+                    calls[key] = {"action": {"tool": tool.name, "arguments": action["arguments"]},
+                                  "step": dict(step), "recorded": time.time()}
+                    await self._save(session)  # the intent
+                out = await self.run_tool(tool.name, action["arguments"], idempotency_key=key)
+                if key in calls:
+                    calls[key]["out"] = json.loads(json.dumps(out, default=str))
+                    await self._save(session)  # the result: a retried step reuses it
+                    if self.after_record is not None:
+                        self.after_record(session, key)
             tspan.set_attribute("tool.success", out["ok"])
             tspan.set_attribute("tool.attempts", out["attempts"])
             tspan.set_attribute("tool.latency_s", out["seconds"])
             record = {"name": tool.name, "kind": tool.kind, "arguments": action["arguments"], "ok": out["ok"],
                       "attempts": out["attempts"], "seconds": round(out["seconds"], 4),
-                      "run_seconds": round(float(out.get("tool_seconds", out["seconds"])), 4)}
+                      "run_seconds": round(float(out.get("tool_seconds", out["seconds"])), 4), "idempotency_key": key}
+            if reused:
+                record["reused"] = True  # a retried step: the recorded result, the call not run again
+            if out.get("unknown_outcome"):
+                record["unknown_outcome"] = True
             if out["ok"]:
                 if tool.kind == "retrieval":
                     hits = out["result"].get("hits", [])

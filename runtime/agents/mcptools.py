@@ -38,6 +38,7 @@ from runtime.agents.tools import Tool
 from runtime.errors import RaylaneError
 from runtime.specs.agent import mcp_tool_name
 
+KEY_META = "idempotency_key"  # the key of a call in its request's _meta (servers deduplicate by it)
 MAX_DESCRIPTION_CHARS = 300  # a server's description lands in the system prompt: keep it short
 
 
@@ -167,14 +168,14 @@ class McpConnection:
                 await self._close()
                 raise RaylaneError(f"{self.where}: could not {what}: {_describe(e)}") from None
 
-    async def call(self, name: str, arguments: dict, timeout_s: float):
+    async def call(self, name: str, arguments: dict, timeout_s: float, meta: dict | None = None):
         from mcp import MCPError
         from mcp_types import CONNECTION_CLOSED
 
         if not self.alive:
             await self.connect()
         try:
-            return await asyncio.wait_for(self._client.call_tool(name, arguments), timeout_s)
+            return await asyncio.wait_for(self._client.call_tool(name, arguments, meta=meta), timeout_s)
         except TimeoutError:
             raise
         except Exception as e:
@@ -242,13 +243,17 @@ class McpTools:
                 mcp_tool_name(server["name"], remote), f"mcp://{server['name']}/{remote}", desc,
                 tool_schema(t.input_schema, f"{where} tool {remote}"), server["timeout_s"], server["retries"],
                 server["max_concurrency"], 0.0, side_effects=side_effects, mcp_server=server["name"], mcp_tool=remote,
+                requires_approval=remote in server.get("requires_approval", ()),
+                idempotent=remote in server.get("idempotent", ()), takes_key=True,
             ))
         return tools
 
-    async def call(self, name: str, arguments: dict) -> dict[str, Any]:
+    async def call(self, name: str, arguments: dict, idempotency_key: str | None = None) -> dict[str, Any]:
         """One tool call with the tool's timeout and retries; the same result shape as
-        ``ToolRunner.call`` (failures as data)."""
+        ``ToolRunner.call`` (failures as data). The key travels in the request's ``_meta``
+        (``{"idempotency_key": KEY}``), the same on every attempt."""
         tool = self.tools[name]
+        meta = {KEY_META: idempotency_key} if idempotency_key else None
         conn = self._conns[tool.mcp_server]
         errors: list[str] = []
         t0 = time.perf_counter()
@@ -257,7 +262,7 @@ class McpTools:
             async with self._limits[tool.mcp_server]:
                 s = time.perf_counter()
                 try:
-                    result = await conn.call(tool.mcp_tool, arguments, tool.timeout_s)
+                    result = await conn.call(tool.mcp_tool, arguments, tool.timeout_s, meta)
                 except TimeoutError:
                     errors.append(f"timeout after {tool.timeout_s:g} s")
                     continue

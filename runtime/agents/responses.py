@@ -196,6 +196,8 @@ def _status(reply: dict) -> tuple[str, dict | None, dict | None]:
         return "completed", None, None
     if reply.get("stopped"):
         return "incomplete", {"reason": reply["stopped"]}, None
+    if reply.get("status") == "awaiting_approval":  # a tool call waits for POST /sessions/ID/approvals
+        return "incomplete", {"reason": "awaiting_approval"}, None
     if reply.get("status") != "active":  # a budget ended the session: it takes no more turns
         return "incomplete", {"reason": reply.get("end_reason")}, None
     if reply.get("error"):
@@ -378,6 +380,11 @@ class ResponsesAPI:
             raise HTTPError(400, f"previous_response_id {prev} is not the latest response of its conversation "
                                  f"(an agent session does not branch); continue from "
                                  f"{response_id(sid, session['turn'])}", param="previous_response_id")
+        if session["status"] == "awaiting_approval":
+            pending = session.get("pending_approval") or {}
+            raise HTTPError(409, f"the conversation of {prev} awaits approval of call {pending.get('call_id')} "
+                                 f"({pending.get('tool')}); decide with POST /sessions/{sid}/approvals, then continue",
+                            "awaiting_approval", param="previous_response_id")
         if session["status"] != "active":
             raise HTTPError(409, f"the conversation of {prev} has ended ({session['end_reason']}); start a new one "
                                  "without previous_response_id", "session_ended", param="previous_response_id")

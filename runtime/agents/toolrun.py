@@ -19,6 +19,8 @@ an extra actor hop (~4 ms), so a tool's ``max_concurrency`` is split evenly over
 actors (``ceil(max_concurrency / session_workers)`` each). Failures come back as data, never as
 exceptions: the orchestrator records them and shows them to the model. Tools from MCP servers
 (``runtime.agents.mcptools``) are calls from this process to the server, with the same rules.
+``idempotency_key`` (the loop's key of the call) reaches a Python tool that declares that
+keyword, and an MCP server in the call's ``_meta``; every retry of a call carries the same key.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 from typing import Any
 
 from runtime.agents.toolproc import ToolError, ToolProcessPool
-from runtime.agents.tools import Tool, import_function
+from runtime.agents.tools import KEY_ARGUMENT, Tool, import_function
 
 
 def _run_tool(import_path: str, arguments: dict, bound: dict) -> tuple[Any, float]:
@@ -37,6 +39,14 @@ def _run_tool(import_path: str, arguments: dict, bound: dict) -> tuple[Any, floa
     t0 = time.perf_counter()
     result = fn(**arguments, **bound)
     return result, time.perf_counter() - t0
+
+
+def with_key(tool: Tool, idempotency_key: str | None) -> dict:
+    """The keywords the model never sees, plus the call's key for a tool that takes one
+    (the same key on every retry of the call)."""
+    if idempotency_key and tool.takes_key:
+        return {**tool.bound, KEY_ARGUMENT: idempotency_key}
+    return tool.bound
 
 
 class ToolRunner:
@@ -78,12 +88,12 @@ class ToolRunner:
             cause = getattr(e, "cause", None) or e
             raise ToolError(f"{type(cause).__name__}: {cause}".strip()[:500]) from None
 
-    async def _thread(self, tool: Tool, arguments: dict) -> tuple[Any, float]:
+    async def _thread(self, tool: Tool, arguments: dict, bound: dict) -> tuple[Any, float]:
         fn = self._fns.get(tool.name) or self._fns.setdefault(tool.name, import_function(tool.import_path))
 
         def run():
             t = time.perf_counter()
-            return fn(**arguments, **tool.bound), time.perf_counter() - t
+            return fn(**arguments, **bound), time.perf_counter() - t
 
         try:
             return await asyncio.wait_for(asyncio.to_thread(run), tool.timeout_s)
@@ -92,25 +102,27 @@ class ToolRunner:
         except Exception as e:  # noqa: BLE001 - the tool's own error, as data
             raise ToolError(f"{type(e).__name__}: {e}".strip()[:500]) from None
 
-    async def _attempt(self, tool: Tool, arguments: dict) -> tuple[Any, float]:
-        """One attempt: (result, the tool's own run seconds); raises TimeoutError or ToolError."""
+    async def _attempt(self, tool: Tool, arguments: dict, bound: dict) -> tuple[Any, float]:
+        """One attempt: (result, the tool's own run seconds); raises TimeoutError or ToolError.
+        ``bound``: the keywords the model never sees (``with_key``: the call's key included)."""
         if tool.isolation == "thread":
-            return await self._thread(tool, arguments)
+            return await self._thread(tool, arguments, bound)
         if tool.isolation == "ray_task":
-            return await self._task(tool.import_path, arguments, tool.bound, tool.num_cpus, tool.timeout_s, tool.name)
-        return await self.procs.run(tool.import_path, arguments, tool.bound, tool.timeout_s)
+            return await self._task(tool.import_path, arguments, bound, tool.num_cpus, tool.timeout_s, tool.name)
+        return await self.procs.run(tool.import_path, arguments, bound, tool.timeout_s)
 
-    async def call(self, name: str, arguments: dict) -> dict[str, Any]:
+    async def call(self, name: str, arguments: dict, idempotency_key: str | None = None) -> dict[str, Any]:
         if name not in self.tools and self.mcp is not None:
-            return await self.mcp.call(name, arguments)
+            return await self.mcp.call(name, arguments, idempotency_key)
         tool = self.tools[name]
+        bound = with_key(tool, idempotency_key)
         errors: list[str] = []
         t0 = time.perf_counter()
         tool_s = 0.0
         for attempt in range(1, tool.retries + 2):
             async with self._limits[name]:
                 try:
-                    result, secs = await self._attempt(tool, arguments)
+                    result, secs = await self._attempt(tool, arguments, bound)
                     tool_s += secs
                     return {"ok": True, "result": result, "attempts": attempt, "errors": errors,
                             "seconds": time.perf_counter() - t0, "tool_seconds": tool_s}
@@ -139,10 +151,11 @@ class LocalToolRunner:
         self._limits = {t.name: asyncio.Semaphore(t.max_concurrency) for t in tools}
         self.mcp = mcp
 
-    async def call(self, name: str, arguments: dict) -> dict[str, Any]:
+    async def call(self, name: str, arguments: dict, idempotency_key: str | None = None) -> dict[str, Any]:
         if name not in self.tools and self.mcp is not None:
-            return await self.mcp.call(name, arguments)
+            return await self.mcp.call(name, arguments, idempotency_key)
         tool, fn = self.tools[name], self._fns[name]
+        bound = with_key(tool, idempotency_key)
         errors: list[str] = []
         t0 = time.perf_counter()
         tool_s = 0.0
@@ -150,7 +163,7 @@ class LocalToolRunner:
             async with self._limits[name]:
                 s = time.perf_counter()
                 try:
-                    result = await asyncio.wait_for(asyncio.to_thread(fn, **arguments, **tool.bound), tool.timeout_s)
+                    result = await asyncio.wait_for(asyncio.to_thread(fn, **arguments, **bound), tool.timeout_s)
                     tool_s += time.perf_counter() - s
                     return {"ok": True, "result": result, "attempts": attempt, "errors": errors,
                             "seconds": time.perf_counter() - t0, "tool_seconds": tool_s}

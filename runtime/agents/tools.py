@@ -93,7 +93,19 @@ class Tool:
     side_effects: bool = False  # runs only in sessions created with allow_tools naming it
     mcp_server: str | None = None  # served by this MCP server (runtime.agents.mcptools), not imported
     mcp_tool: str | None = None  # the server's own name for it
+    requires_approval: bool = False  # each call waits for a person's decision (POST /sessions/ID/approvals)
+    idempotent: bool = False  # deduplicates by its idempotency key: safe to re-send after a crash
+    takes_key: bool = False  # the function accepts an ``idempotency_key`` keyword (MCP: always, in _meta)
     isolation: str = "process"  # process, thread or ray_task (runtime.agents.toolrun)
+
+
+KEY_ARGUMENT = "idempotency_key"  # the keyword a Python tool declares to receive its call's key
+
+
+def takes_key(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts the ``idempotency_key`` keyword (by name or through ``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == KEY_ARGUMENT or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def import_function(import_path: str) -> Callable[..., Any]:
@@ -106,7 +118,7 @@ def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
     kinds = {str: "string", int: "integer", float: "number", bool: "boolean"}
     props, required = {}, []
     for p in inspect.signature(fn).parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name.startswith("_"):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name.startswith("_") or p.name == KEY_ARGUMENT:
             continue
         ann = p.annotation if not isinstance(p.annotation, str) else {"str": str, "int": int, "float": float, "bool": bool}.get(p.annotation)
         props[p.name] = {"type": kinds.get(ann, "string")}
@@ -130,7 +142,8 @@ def load_tools(tool_specs: list, retrieval: Any | None = None, index_uri: str | 
             raise RaylaneError(f"tools[{i}].parameters is not a valid JSON schema: {e.message}") from None
         desc = t.description or (inspect.getdoc(fn) or t.name).splitlines()[0]
         tools.append(Tool(t.name, t.import_path, desc, params, t.timeout_s, t.retries, t.max_concurrency, t.num_cpus,
-                          side_effects=t.side_effects, isolation=t.isolation))
+                          side_effects=t.side_effects, requires_approval=t.requires_approval,
+                          idempotent=t.idempotent, takes_key=takes_key(fn), isolation=t.isolation))
     if retrieval is not None:
         # Imported here: retrieval needs pyarrow (~1 s), which a tool process running only the
         # calculator should not load.

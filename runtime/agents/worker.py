@@ -15,6 +15,10 @@ Sessions are owned: the session actor compares the caller's ``owner`` (a digest 
 None with ``auth: none``) with the one stored at creation, and a mismatch reads as "no such
 session", so a key can neither read nor tell apart another key's sessions. Session ids are
 random (128 bits) and made here, never chosen by the client.
+
+A session paused for approval costs nothing but its record in the store: ``decide`` loads it in
+whichever actor the id routes to. A turn cut off after a side-effecting call's recorded result
+is finished from the record when the session is next loaded (``AgentLoop.settle``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from runtime.agents.telemetry import AgentMetrics, configure_exporter
 from runtime.agents.toolrun import ToolRunner
 
 NAMESPACE = "raylane-agents"
+# Test hook: a marker path; the first session actor to record a side-effecting call's result
+# after this is set creates the marker and exits before saving the step (the crash window).
+CRASH_AFTER_RECORD = "RAYLANE_TEST_CRASH_AFTER_RECORD"
 
 
 # What a session id may look like (server-made ids are 32 hex characters).
@@ -109,7 +116,10 @@ class SessionWorkerImpl:
                 if self.loop is None:
                     extra = await self.mcp.start()
                     config = replace(self.config, tools=[*self.config.tools, *extra]) if extra else self.config
-                    self.loop = AgentLoop(config, self.llm, self.tools.call, self.store, self.metrics)
+                    loop = AgentLoop(config, self.llm, self.tools.call, self.store, self.metrics)
+                    if os.environ.get(CRASH_AFTER_RECORD):
+                        loop.after_record = _crash_once
+                    self.loop = loop
         return self.loop
 
     async def warm(self) -> int:
@@ -132,10 +142,12 @@ class SessionWorkerImpl:
             raise SessionNotFound(session_id)
         return session
 
-    def _load(self, session_id: str, owner: str | None) -> dict:
+    async def _load(self, session_id: str, owner: str | None) -> dict:
         session = self._owned(session_id, owner)
         if session.get("turn_open"):
-            # The last turn died with its actor; everything up to its last saved step is kept.
+            # The last turn died with its actor; everything up to its last saved step is kept, and
+            # a step cut off after its side-effecting call is finished from the recorded call.
+            await (await self._loop()).settle(session)
             session["turn_open"] = False
             session["errors"]["interrupted"] = session["errors"].get("interrupted", 0) + 1
             session["resumed"] = session.get("resumed", 0) + 1
@@ -169,7 +181,7 @@ class SessionWorkerImpl:
         options = dict(options or {})
         after = options.pop("after_turn", None)
         async with self._locks[session_id]:
-            return await loop.send(self._at(self._load(session_id, owner), after), content, **options)
+            return await loop.send(self._at(await self._load(session_id, owner), after), content, **options)
 
     async def send_stream(self, session_id: str, content: str, owner: str | None = None,
                           options: dict | None = None) -> AsyncIterator[dict]:
@@ -177,7 +189,7 @@ class SessionWorkerImpl:
         options = dict(options or {})
         after = options.pop("after_turn", None)
         async with self._locks[session_id]:
-            async for event in loop.turn(self._at(self._load(session_id, owner), after), content, **options):
+            async for event in loop.turn(self._at(await self._load(session_id, owner), after), content, **options):
                 yield event
 
     @staticmethod
@@ -185,6 +197,20 @@ class SessionWorkerImpl:
         if after_turn is not None and session["turn"] != after_turn:
             raise TurnConflict(f"session {session['id']} is at turn {session['turn']}, not {after_turn}")
         return session
+
+    async def decide(self, session_id: str, call_id: str, decision: str, arguments: dict | None = None,
+                     reason: str | None = None, owner: str | None = None) -> dict:
+        """Approve or reject the session's pending call and continue its turn; returns the reply
+        record. Raises ``ApprovalError`` (409: nothing pending or another call; 400: arguments
+        outside the tool's schema). Repeating it after the actor died finishes the same call once."""
+        loop = await self._loop()
+        async with self._locks[session_id]:
+            session = await self._load(session_id, owner)
+            loop.check_decision(session, call_id, decision, arguments)
+            reply: dict = {}
+            async for event in loop.resolve(session, call_id, decision, arguments, reason):
+                reply = event
+            return reply
 
     def stats(self) -> dict:
         return self.metrics.snapshot()
@@ -261,6 +287,12 @@ class SessionRouter:
                 return await self.worker(session_id).send.remote(session_id, content, owner, options)
             raise
 
+    async def decide(self, session_id: str, call_id: str, decision: str, arguments: dict | None = None,
+                     reason: str | None = None, owner: str | None = None) -> dict:
+        """``POST /sessions/ID/approvals``: safe to retry when the actor dies mid-call (the
+        decision and the call's result are in the store; the call does not run twice)."""
+        return await self._call(session_id, "decide", session_id, call_id, decision, arguments, reason, owner)
+
     async def send_stream(self, session_id: str, content: str, owner: str | None = None,
                           options: dict | None = None) -> AsyncIterator[dict]:
         await self._call(session_id, "get", session_id, owner)  # a missing session fails before streaming
@@ -324,5 +356,16 @@ def close_and_kill(name: str, timeout_s: float = 15) -> None:
 
 def _forwarded_env() -> dict[str, str]:
     """Settings session actors need from the process that creates them."""
-    keys = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "HF_HUB_OFFLINE")
+    keys = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "HF_HUB_OFFLINE", CRASH_AFTER_RECORD)
     return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def _crash_once(session: dict, key: str) -> None:
+    marker = os.environ.get(CRASH_AFTER_RECORD)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except (FileExistsError, TypeError):
+        return
+    os.write(fd, key.encode())
+    os.close(fd)
+    os._exit(1)

@@ -94,6 +94,15 @@ class ToolSpec(StrictModel):
         False, description="The tool changes something outside the session (sends, writes, buys): it runs only in "
         "sessions created with allow_tools naming it; otherwise the call is refused and the model is told.",
     )
+    requires_approval: bool = Field(
+        False, description="A person approves each call first: the session pauses (status awaiting_approval) until "
+        "POST /sessions/ID/approvals approves (optionally with edited arguments) or rejects it.",
+    )
+    idempotent: bool = Field(
+        False, description="The tool deduplicates by its idempotency_key keyword (a repeated key has no second "
+        "effect): a call cut off between its effect and the recorded result is re-sent with the same key instead of "
+        "being reported as of unknown outcome.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -164,6 +173,14 @@ class McpServerSpec(StrictModel):
         None, description="Which allowed tools change something (run only in sessions allowing them). Default: every "
         "tool the server does not annotate readOnlyHint: true.",
     )
+    requires_approval: list[str] = Field(
+        default_factory=list, description="Allowed tools whose every call a person approves first (the session pauses "
+        "until POST /sessions/ID/approvals).",
+    )
+    idempotent: list[str] = Field(
+        default_factory=list, description="Allowed tools that deduplicate by the idempotency_key in the call's _meta "
+        "(a call cut off between its effect and the recorded result is re-sent with the same key).",
+    )
     timeout_s: float = Field(10.0, gt=0, description="Seconds one call attempt may take before it is cancelled.")
     retries: int = Field(1, ge=0, description="Extra attempts after a failure or timeout.")
     max_concurrency: int = Field(4, ge=1, description="Calls to this server running at once across all sessions.")
@@ -209,10 +226,10 @@ class McpServerSpec(StrictModel):
         long = [n for n in names if len(n) > 64]
         if long:
             problems.append(f"tool names over 64 characters: {', '.join(long)} (shorten the server name)")
-        if self.side_effects is not None:
-            extra = sorted(set(self.side_effects) - set(self.allow_tools))
+        for field in ("side_effects", "requires_approval", "idempotent"):
+            extra = sorted(set(getattr(self, field) or ()) - set(self.allow_tools))
             if extra:
-                problems.append(f"side_effects names tools not in allow_tools: {', '.join(extra)}")
+                problems.append(f"{field} names tools not in allow_tools: {', '.join(extra)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -4,7 +4,8 @@
     python tests/agent/mcp_server.py --http PORT     # streamable HTTP on 127.0.0.1:PORT/mcp
 
 Tools: ``add`` (read-only), ``slow`` (sleeps; for timeouts), ``fail`` (an error result),
-``upper`` (a short string, for the tiny model), ``pid``, ``crash`` (the process exits), ``note`` (no read-only hint: a side effect; counts its calls in a file when MCP_TEST_NOTES is
+``upper`` (a short string, for the tiny model), ``key`` (echoes the call's ``_meta``
+idempotency key), ``pid``, ``crash`` (the process exits), ``note`` (no read-only hint: a side effect; counts its calls in a file when MCP_TEST_NOTES is
 set) and ``secret`` (not meant to be allowed). With ``--require-header NAME=VALUE`` over HTTP,
 requests without that header get 401.
 """
@@ -16,7 +17,7 @@ import os
 from typing import Annotated
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
@@ -58,6 +59,13 @@ def note(text: Annotated[str, Field(max_length=40)]) -> str:
 def upper(text: Annotated[str, Field(max_length=24)]) -> str:
     """Upper-case a short text."""
     return text.upper()
+
+
+@server.tool(annotations=READ_ONLY)
+def key(ctx: Context) -> str:
+    """The idempotency key the client sent in the call's _meta ('none' without one)."""
+    meta = ctx.request_context.meta or {}
+    return str(meta.get("idempotency_key", "none"))
 
 
 @server.tool(annotations=READ_ONLY)

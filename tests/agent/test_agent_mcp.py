@@ -125,6 +125,23 @@ def test_calls_through_the_tool_runner_with_timeout_retry_and_error_results(serv
 
 
 @BOTH
+def test_the_calls_idempotency_key_reaches_the_server_in_meta(server):
+    async def go():
+        mcp = McpTools([server(allow_tools=["key"])])
+        await mcp.start()
+        runner = LocalToolRunner([], mcp=mcp)
+        name = f"{next(iter(mcp.servers))}__key"
+        try:
+            return await runner.call(name, {}, idempotency_key="k-123"), await runner.call(name, {})
+        finally:
+            await mcp.close()
+
+    keyed, plain = run(go())
+    assert keyed["ok"] and keyed["result"] == "k-123"
+    assert plain["ok"] and plain["result"] == "none"
+
+
+@BOTH
 def test_max_concurrency_is_split_over_the_session_workers(server):
     async def go(workers):
         mcp = McpTools([server(max_concurrency=2, timeout_s=5)], session_workers=workers)
@@ -186,7 +203,7 @@ def test_a_tool_the_server_does_not_offer_fails_the_start_naming_server_and_tool
         run(go())
     msg = str(e.value)
     assert "mcp_servers[0]" in msg and "allow_tools" in msg and "does not offer delete_everything" in msg
-    assert "it offers: add, crash, fail, note, pid, secret, slow, upper" in msg
+    assert "it offers: add, crash, fail, key, note, pid, secret, slow, upper" in msg
 
 
 def test_http_headers_come_from_the_environment(http_url, monkeypatch):

@@ -80,12 +80,13 @@ def test_a_turn_is_a_response_the_sdk_reads():
     ({"reply": None, "stopped": "max_output_tokens"}, "incomplete", "max_output_tokens", None),
     ({"reply": None, "status": "ended", "end_reason": "max_steps"}, "incomplete", "max_steps", None),
     ({"reply": None, "error": "LLM call timed out after 5 s"}, "failed", None, "LLM call timed out after 5 s"),
+    ({"reply": None, "status": "awaiting_approval", "end_reason": None}, "incomplete", "awaiting_approval", None),
 ])
 def test_a_turn_without_an_answer(patch, status, reason, error):
     obj = response_object({**REPLY, "steps": [TOOL_STEP], **patch}, model="helper", created_at=1.0)
     assert (obj["incomplete_details"] or {}).get("reason") == reason
-    # A budget's name is raylane's own reason (the SDK reads it as is; its type lists OpenAI's).
-    r = _sdk_response({**obj, "incomplete_details": None} if reason == "max_steps" else obj)
+    # A budget's or a pause's name is raylane's own reason (the SDK reads it as is; its type lists OpenAI's).
+    r = _sdk_response({**obj, "incomplete_details": None} if reason in ("max_steps", "awaiting_approval") else obj)
     assert r.status == status and r.output_text == ""
     assert (r.error.message if r.error else None) == error
     if error:

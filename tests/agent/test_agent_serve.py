@@ -29,6 +29,14 @@ def mcp_stdio(notes: str, allow: list[str]) -> dict:
             "env": {"MCP_TEST_NOTES": notes}, "allow_tools": allow}
 
 
+def append_tool(path, **flags) -> dict:
+    """A side-effecting tool that appends "KEY<tab>TEXT" to ``path`` (the file is a const in its schema)."""
+    from examples.tools import append_line_parameters
+
+    return {"name": "append", "import_path": "examples.tools:append_line", "side_effects": True,
+            "parameters": append_line_parameters(str(path)), **flags}
+
+
 def agent_spec(name, vllm_url, storage_root, **patch):
     from runtime.specs import parse_spec
 
@@ -58,6 +66,8 @@ def agents(vllm_url, storage_root, redis_url, ray_local):
                               max_message_chars=200, max_sessions_per_key=3),
         "mcp": agent_spec("mcp", vllm_url, storage_root, mcp_servers=[mcp_stdio(str(storage_root / "mcp-notes.txt"),
                                                                                 ["upper", "note"])]),
+        "approve": agent_spec("approve", vllm_url, storage_root, session_workers=1, llm={"max_tool_rounds": 1},
+                              tools=[append_tool(storage_root / "approved.txt", requires_approval=True)]),
     }
     from runtime.serving.deploy import free_port
 
@@ -477,3 +487,151 @@ def test_an_mcp_tool_the_server_lacks_fails_the_agents_start(vllm_url, storage_r
     finally:
         router.kill_actors()
     assert "mcp_servers[0] (mcp).allow_tools: the server does not offer format_disk; it offers: add," in str(e.value)
+
+
+def _effects(path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(900)
+def test_approval_pauses_the_session_survives_restarts_and_resumes(agents, storage_root):
+    import ray
+
+    specs, results, client = agents
+    url = results["approve"].url
+    effects = storage_root / "approved.txt"
+    r = client.post(f"{url}/sessions", json={"allow_tools": ["append"]})
+    assert r.status_code == 200, r.text
+    sid = r.json()["id"]
+    reply = client.post(f"{url}/sessions/{sid}/messages", json={"content": "Append a line."}).json()
+    assert reply["status"] == "awaiting_approval" and reply["reply"] is None, reply
+    assert [s["action"] for s in reply["steps"]] == ["awaiting_approval"]
+    pending = reply["pending_approval"]
+    cid = pending["call_id"]
+    assert pending["tool"] == "append" and pending["arguments"]["file"] == str(effects) and len(cid) == 32
+    got = client.get(f"{url}/sessions/{sid}").json()
+    assert got["status"] == "awaiting_approval" and got["pending_approval"] == pending and not effects.exists()
+
+    approvals = f"{url}/sessions/{sid}/approvals"
+    for body in ({"content": "hello?"}, {"content": "hello?", "stream": True}):
+        _error(client.post(f"{url}/sessions/{sid}/messages", json=body), 409, "awaiting_approval", cid)
+    b = httpx.Client(headers=_as(KEY_B), timeout=120)
+    _error(b.post(approvals, json={"call_id": cid, "decision": "approve"}), 404, "not_found_error", "no session")
+    _error(b.get(f"{url}/sessions/{sid}"), 404, "not_found_error", "no session")
+    b.close()
+    bad = client.post(approvals, json={"call_id": cid, "decision": "maybe"})
+    _error(bad, 400, "invalid_request_error", '"approve" or "reject"')
+    assert bad.json()["error"]["param"] == "decision"
+    _error(client.post(approvals, json={"call_id": "c0ffee", "decision": "approve"}), 409, "approval_conflict", cid)
+    bad = client.post(approvals, json={"call_id": cid, "decision": "approve", "arguments": {"file": "/etc/x", "text": "a"}})
+    _error(bad, 400, "invalid_request_error", "arguments do not fit the schema of append")
+    assert bad.json()["error"]["param"] == "arguments"
+
+    # The paused session lives in the store only: kill its actor and the ingress replica.
+    _kill_session_actor(specs["approve"], sid)
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if "approve" in a["name"] and "AgentIngress" in a["name"]:
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            r = client.get(f"{url}/sessions/{sid}")
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the ingress replica did not come back"
+        time.sleep(1)
+    assert r.json()["pending_approval"] == pending
+
+    edited = {"file": str(effects), "text": "edited"}
+    r = client.post(approvals, json={"call_id": cid, "decision": "approve", "arguments": edited, "reason": "fine"})
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["status"] == "active" and done["reply"] and done["pending_approval"] is None
+    assert [s["action"] for s in done["steps"]] == ["tool", "answer"]  # max_tool_rounds 1: then the answer
+    ran = done["steps"][0]
+    assert ran["n"] == 1 and ran["tool"]["ok"] and ran["tool"]["arguments"] == edited and ran["approval"]["edited"]
+    assert _effects(effects) == [[cid, "edited"]]  # once, with the edited arguments and the call's key
+    _error(client.post(approvals, json={"call_id": cid, "decision": "approve"}), 409, "approval_conflict",
+           "no call awaiting approval")
+
+    again = client.post(f"{url}/sessions/{sid}/messages", json={"content": "One more?"}).json()
+    assert again["status"] == "awaiting_approval" and again["pending_approval"]["call_id"] != cid
+    r = client.post(approvals, json={"call_id": again["pending_approval"]["call_id"], "decision": "reject",
+                                     "reason": "not needed"})
+    assert r.status_code == 200, r.text
+    rejected = r.json()
+    assert [s["action"] for s in rejected["steps"]] == ["refused", "answer"] and rejected["reply"]
+    assert "rejected this call of append: not needed" in rejected["steps"][0]["error"]
+    assert _effects(effects) == [[cid, "edited"]]  # a rejected call never runs
+    got = client.get(f"{url}/sessions/{sid}").json()
+    assert got["errors"]["tool_rejected:append"] == 1 and got["usage"]["tool_calls"] == 1 and got["calls"] == {}
+    assert [s["n"] for s in got["steps"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.timeout(600)
+def test_actor_killed_between_a_side_effect_and_its_step_save_runs_the_call_once(vllm_url, storage_root, ray_local,
+                                                                                 monkeypatch):
+    """The session actor exits (a test hook: os._exit) right after the tool appended its line and
+    the result was recorded, before the step was saved; resuming finishes the step from the
+    record. Through an approval (the retried decision completes the session) and a plain turn
+    (the next message finishes the cut-off step first)."""
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from runtime.agents.loop import idempotency_key
+    from runtime.agents.runner import prepare_app_config
+    from runtime.agents.worker import CRASH_AFTER_RECORD, SessionRouter
+
+    marker = storage_root / "crashed-after-record"
+    monkeypatch.setenv(CRASH_AFTER_RECORD, str(marker))  # forwarded to the session actors this test starts
+    loop = asyncio.new_event_loop()
+    routers = []
+
+    def router_for(name, effects, **flags):
+        spec = agent_spec(name, vllm_url, storage_root, auth="none", session_workers=1, llm={"max_tool_rounds": 1},
+                          tools=[append_tool(effects, **flags)])
+        routers.append(SessionRouter(prepare_app_config(spec)))
+        return routers[-1]
+
+    try:
+        effects = storage_root / "effects-approved.txt"
+        router = router_for("effects1", effects, requires_approval=True)
+        sid = loop.run_until_complete(router.create(None, ["append"]))["id"]
+        pending = loop.run_until_complete(router.send(sid, "Append a line."))["pending_approval"]
+        # The actor dies mid-decision; the router repeats the decision on a fresh actor.
+        done = loop.run_until_complete(router.decide(sid, pending["call_id"], "approve"))
+        assert marker.read_text() == pending["call_id"]  # it did die in the window
+        assert done["status"] == "active" and done["reply"], done
+        assert [s["action"] for s in done["steps"]] == ["tool", "answer"]
+        assert done["steps"][0]["tool"]["reused"] is True
+        assert _effects(effects) == [[pending["call_id"], pending["arguments"]["text"]]]  # exactly one effect
+        got = loop.run_until_complete(router.get(sid))
+        assert got["errors"]["interrupted"] == 1 and got["calls"] == {} and got["status"] == "active"
+
+        marker.unlink()  # arm the hook again, for a plain side-effecting call (allowed, no approval)
+        effects = storage_root / "effects-plain.txt"
+        router = router_for("effects2", effects)
+        sid = loop.run_until_complete(router.create(None, ["append"]))["id"]
+        with pytest.raises(RayActorError):
+            loop.run_until_complete(router.send(sid, "Append a line."))
+        key = idempotency_key(sid, 1)
+        assert marker.read_text() == key
+        crashed = loop.run_until_complete(router.get(sid))
+        assert crashed["turn_open"] and crashed["steps"] == [] and crashed["calls"][key]["out"]["ok"]
+        assert [k for k, _ in _effects(effects)] == [key]
+        reply = loop.run_until_complete(router.send(sid, "Go on."))
+        assert reply["status"] == "active" and reply["reply"], reply
+        got = loop.run_until_complete(router.get(sid))
+        first = got["steps"][0]
+        assert first["n"] == 1 and first["resumed"] and first["tool"]["reused"] and first["tool"]["idempotency_key"] == key
+        keys = [k for k, _ in _effects(effects)]
+        assert keys.count(key) == 1  # the cut-off call ran once; the next turn's own call has its own key
+        assert got["errors"]["interrupted"] == 1 and got["calls"] == {}
+        assert [s["n"] for s in got["steps"]] == list(range(1, len(got["steps"]) + 1))
+    finally:
+        for r in routers:
+            r.kill_actors()
+        loop.close()

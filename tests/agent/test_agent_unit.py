@@ -338,13 +338,13 @@ def test_observations_get_a_random_fence_each():
 
     from runtime.agents.loop import AgentLoop
 
-    async def run_tool(name, args):
+    async def run_tool(name, args, idempotency_key=None):
         return {"ok": True, "result": "4", "attempts": 1, "seconds": 0.0}
 
     loop = AgentLoop(_config([CALC]), llm=None, run_tool=run_tool, store=None)
     session = new_session("s", loop.config)
-    for _ in range(2):
-        asyncio.run(loop._call_tool(session, {}, {"tool": "calculator", "arguments": {"expression": "2+2"}}))
+    for n in range(2):
+        asyncio.run(loop._call_tool(session, {"n": n + 1}, {"tool": "calculator", "arguments": {"expression": "2+2"}}))
     fences = [m["fence"] for m in session["messages"] if m["role"] == "tool"]
     assert len(set(fences)) == 2 and all(len(f) == 16 for f in fences)
 
