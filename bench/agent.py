@@ -8,8 +8,9 @@ Ray cluster pointed at it (every turn = a tool step + an answer step), then:
 1. per-step orchestration overhead: step wall time minus the LLM call and the tool's own run
    time (prompt assembly, schema, parsing, tool dispatch, the store write, tracing), from
    sequential sessions, for a Python tool in a tool process (the default), the same tool as a
-   Ray task per call (the old dispatch), in a thread, and an MCP tool (tests/agent/mcp_server.py
-   over stdio); goal p50 <= 2 ms;
+   Ray task per call (the old dispatch), in a thread, an MCP tool (tests/agent/mcp_server.py
+   over stdio), and a tool that needs approval (the turn pauses; POST /sessions/ID/approvals
+   resumes it: its round trip is reported too); goal p50 <= 2 ms;
 2. the capacity planner against a measured run: the profile (first prompt, output tokens, what
    a tool result adds to the history, steps per session) comes from the sequential sessions of
    1.; sessions then arrive at a fixed rate and the engine's own token counters (vLLM
@@ -150,6 +151,48 @@ def overhead_run(base: str, n: int, rng: random.Random) -> dict:
                 out["dispatch_ms"].append((st["tool"]["seconds"] - st["tool"]["run_seconds"]) * 1000)
             elif st["action"] == "answer":
                 out["answer_step"].append(st["overhead_ms"])
+    return out
+
+
+async def approval_sessions(base: str, n: int, rng: random.Random) -> dict:
+    """Sequential sessions whose tool needs approval: the message pauses the turn, the approval
+    (approve, arguments unchanged) resumes it. Step figures as ``overhead_run``, plus the approval
+    round trip: the client's wall time of POST /sessions/ID/approvals minus the LLM and tool time
+    spent inside it (HTTP, guard, ingress, session actor, store load and saves, the decision)."""
+    import httpx
+
+    out: dict = {"overhead": [], "tool_step": [], "answer_step": [], "llm_ms": [], "tool_ms": [], "dispatch_ms": [],
+                 "steps": [], "round_trip_ms": [], "paused": 0}
+    async with httpx.AsyncClient(base_url=base, timeout=900) as c:
+        for i in range(n + 1):  # the first is a warm-up
+            sid = (await c.post("/sessions", json={"allow_tools": ["calculator"]})).json()["id"]
+            first = (await c.post(f"/sessions/{sid}/messages", json={"content": question(rng)})).json()
+            pending = first.get("pending_approval")
+            if not pending:
+                continue
+            t = time.perf_counter()
+            r = await c.post(f"/sessions/{sid}/approvals", json={"call_id": pending["call_id"], "decision": "approve"})
+            wall = time.perf_counter() - t
+            r.raise_for_status()
+            reply = r.json()
+            if i == 0:
+                continue
+            out["paused"] += 1
+            inside = sum(st.get("llm", {}).get("seconds", 0.0) for st in reply["steps"][1:])
+            inside += sum((st.get("tool") or {}).get("run_seconds", 0.0) for st in reply["steps"])
+            out["round_trip_ms"].append((wall - inside) * 1000)
+            steps = reply["steps"]
+            out["steps"].append(steps)
+            for st in steps:
+                out["overhead"].append(st["overhead_ms"])
+                if st.get("llm"):
+                    out["llm_ms"].append(st["llm"]["seconds"] * 1000)
+                if st.get("tool") and "run_seconds" in st["tool"]:
+                    out["tool_step"].append(st["overhead_ms"])
+                    out["tool_ms"].append(st["tool"]["seconds"] * 1000)
+                    out["dispatch_ms"].append((st["tool"]["seconds"] - st["tool"]["run_seconds"]) * 1000)
+                elif st["action"] == "answer":
+                    out["answer_step"].append(st["overhead_ms"])
     return out
 
 
@@ -303,6 +346,8 @@ def main() -> None:
         "task": ("Python tool, Ray task per call (before)", {"tools": [{**calc, "isolation": "ray_task"}]}),
         "thread": ("Python tool, thread", {"tools": [{**calc, "isolation": "thread"}]}),
         "mcp": ("MCP tool (stdio server)", {"mcp_servers": [mcp]}),
+        "approval": ("Python tool, requires_approval (paused, then approved)",
+                     {"tools": [{**calc, "requires_approval": True}]}),
     }
     results: dict = {}
     try:
@@ -319,7 +364,10 @@ def main() -> None:
             served[name] = (spec, start_agent(spec, port=port))
         # 1. overhead: sequential sessions, so no step waits on another
         for name in variants:
-            results[name] = overhead_run(served[name][1].url, args.steps_sessions, rng)
+            if name == "approval":
+                results[name] = asyncio.run(approval_sessions(served[name][1].url, args.steps_sessions, rng))
+            else:
+                results[name] = overhead_run(served[name][1].url, args.steps_sessions, rng)
         base = served["process"][1].url
         # 2. the planner against a run at a known session rate
         if args.rate:
@@ -362,6 +410,12 @@ def report(args, variants: dict, results: dict) -> None:
         print(f"| {what} | {len(r['overhead'])} | {_pct(r['overhead'], .5):.2f} / {_pct(r['overhead'], .95):.2f} ms | "
               f"{_pct(r['tool_step'], .5):.2f} ms | {_pct(r['answer_step'], .5):.2f} ms | "
               f"{_pct(r['dispatch_ms'], .5):.2f} ms | {_pct(r['tool_ms'], .5):.2f} ms | {_pct(r['llm_ms'], .5):.1f} ms |")
+    a = results.get("approval")
+    if a and a["round_trip_ms"]:
+        print(f"\napproval round trip (POST /sessions/ID/approvals minus the LLM and tool time in it; "
+              f"{a['paused']} paused sessions): p50 {_pct(a['round_trip_ms'], .5):.1f} ms, "
+              f"p95 {_pct(a['round_trip_ms'], .95):.1f} ms; the approved step's overhead (table) includes the "
+              "decision's store load and saves")
     if "plan" in results:
         profile, p, m = results["plan"]
         print(f"\n### Planner vs a measured run ({m['sessions']} sessions at {args.rate:g}/s, "
