@@ -140,18 +140,23 @@ def overhead_run(base: str, n: int, rng: random.Random) -> dict:
                  "steps": []}
     for _ in range(n):
         _, _, replies = asyncio.run(agent_sessions(base, [question(rng)]))
-        steps = replies[0]["steps"]
-        out["steps"].append(steps)
-        for st in steps:
-            out["overhead"].append(st["overhead_ms"])
-            out["llm_ms"].append(st["llm"]["seconds"] * 1000)
-            if st.get("tool"):
-                out["tool_step"].append(st["overhead_ms"])
-                out["tool_ms"].append(st["tool"]["seconds"] * 1000)
-                out["dispatch_ms"].append((st["tool"]["seconds"] - st["tool"]["run_seconds"]) * 1000)
-            elif st["action"] == "answer":
-                out["answer_step"].append(st["overhead_ms"])
+        _account(out, replies[0]["steps"])
     return out
+
+
+def _account(out: dict, steps: list[dict]) -> None:
+    """Add one session's step records to the overhead figures."""
+    out["steps"].append(steps)
+    for st in steps:
+        out["overhead"].append(st["overhead_ms"])
+        if st.get("llm"):
+            out["llm_ms"].append(st["llm"]["seconds"] * 1000)
+        if st.get("tool") and "run_seconds" in st["tool"]:
+            out["tool_step"].append(st["overhead_ms"])
+            out["tool_ms"].append(st["tool"]["seconds"] * 1000)
+            out["dispatch_ms"].append((st["tool"]["seconds"] - st["tool"]["run_seconds"]) * 1000)
+        elif st["action"] == "answer":
+            out["answer_step"].append(st["overhead_ms"])
 
 
 async def approval_sessions(base: str, n: int, rng: random.Random) -> dict:
@@ -181,18 +186,7 @@ async def approval_sessions(base: str, n: int, rng: random.Random) -> dict:
             inside = sum(st.get("llm", {}).get("seconds", 0.0) for st in reply["steps"][1:])
             inside += sum((st.get("tool") or {}).get("run_seconds", 0.0) for st in reply["steps"])
             out["round_trip_ms"].append((wall - inside) * 1000)
-            steps = reply["steps"]
-            out["steps"].append(steps)
-            for st in steps:
-                out["overhead"].append(st["overhead_ms"])
-                if st.get("llm"):
-                    out["llm_ms"].append(st["llm"]["seconds"] * 1000)
-                if st.get("tool") and "run_seconds" in st["tool"]:
-                    out["tool_step"].append(st["overhead_ms"])
-                    out["tool_ms"].append(st["tool"]["seconds"] * 1000)
-                    out["dispatch_ms"].append((st["tool"]["seconds"] - st["tool"]["run_seconds"]) * 1000)
-                elif st["action"] == "answer":
-                    out["answer_step"].append(st["overhead_ms"])
+            _account(out, reply["steps"])
     return out
 
 

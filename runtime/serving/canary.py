@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from runtime.release.arms import choose_arm
 from runtime.release.state import RolloutState, RolloutStore
 from runtime.release.windows import ArmRecorder
+from runtime.serving.guard import read_body, replay_body
 
 log = logging.getLogger(__name__)
 STATE_TTL_S = 2.0
@@ -105,13 +106,13 @@ class CanaryRouter:
         state = await self.watch.current()
         if state is None:
             return await self.app(scope, receive, send)
-        body = await _read_all(receive)
+        body = await read_body(receive, limit=None)
         try:
             parsed = json.loads(body) if body else None
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict) or parsed.get("model") != state.model_id:
-            return await self.app(scope, _replay(body, receive), send)
+            return await self.app(scope, replay_body(body, receive), send)
         arm = choose_arm(client_id(scope, parsed), state.rollout_id, state.step, state.weight)
         version = state.champion
         if arm == "candidate":
@@ -122,7 +123,7 @@ class CanaryRouter:
             body = json.dumps({**parsed, "model": served}).encode()
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
             scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
-        await self._serve(scope, _replay(body, receive), send, state, arm, version)
+        await self._serve(scope, replay_body(body, receive), send, state, arm, version)
 
     async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str):
         start = self.clock()
@@ -166,28 +167,3 @@ class CanaryRouter:
             await asyncio.to_thread(self.recorder.flush)
         except Exception as e:
             log.warning("rollout %s: cannot write this replica's arm counts (%s)", self.watch.app, e)
-
-
-async def _read_all(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed

@@ -284,7 +284,7 @@ class GuardMiddleware:
             return await reject(err)
         path = _route_path(scope)
         if scope.get("method") == "POST" and self.validate_body is not None:
-            body = await _read_body(receive)
+            body = await read_body(receive)
             if body is None:
                 return await reject(HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes"))
             try:
@@ -301,7 +301,7 @@ class GuardMiddleware:
                 log.exception("request %s: preparing the request failed", request_id)
                 return await reject(HTTPError(500, f"internal server error (request id {request_id}): "
                                                    f"{type(e).__name__}", "internal_error"))
-            receive = _replay(body, receive)
+            receive = replay_body(body, receive)
             if fields:
                 scope = _with_content_length(scope, len(body))
 
@@ -394,7 +394,8 @@ def _replica_failed() -> HTTPError:
                      headers={"Retry-After": "1"})
 
 
-async def _read_body(receive) -> bytes | None:
+async def read_body(receive, limit: int | None = MAX_BODY_BYTES) -> bytes | None:
+    """The whole request body from an ASGI ``receive``; None once it passes ``limit`` bytes."""
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -402,7 +403,7 @@ async def _read_body(receive) -> bytes | None:
             break
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if limit is not None and size > limit:
             return None
         chunks.append(chunk)
         if not message.get("more_body"):
@@ -410,7 +411,7 @@ async def _read_body(receive) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes, receive) -> Callable[[], Awaitable[dict]]:
+def replay_body(body: bytes, receive) -> Callable[[], Awaitable[dict]]:
     """The body we already read, then the real channel (so client disconnects still arrive)."""
     sent = False
 
