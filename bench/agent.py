@@ -18,7 +18,8 @@ Ray cluster pointed at it (every turn = a tool step + an answer step), then:
 3. N concurrent sessions over HTTP vs the same number of bare chat calls at the same concurrency;
 4. ``--many`` sessions created at once, then one message each, all at once: errors, latency,
    the session store's writes and size, and the memory of the session actors, their tool
-   processes and the ingress.
+   processes and the ingress;
+5. ``--many-paused`` sessions whose turns all pause on an approval at once, then all approved.
 
 Prints markdown tables. Not part of the test suite.
 """
@@ -311,6 +312,30 @@ async def many_sessions(base: str, n: int, rng: random.Random) -> dict:
     }
 
 
+async def many_paused(base: str, n: int, rng: random.Random) -> dict:
+    """n sessions whose tool needs approval, created at once; one message each, all at once (every
+    turn pauses on its tool call); then every call approved at once (every turn resumes)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=1800, limits=httpx.Limits(max_connections=n)) as c:
+        made = await asyncio.gather(*[c.post("/sessions", json={"allow_tools": ["calculator"]}) for _ in range(n)])
+        ids = [r.json()["id"] for r in made if r.status_code == 200]
+        t0 = time.perf_counter()
+        sent = await asyncio.gather(*[c.post(f"/sessions/{s}/messages", json={"content": question(rng)}) for s in ids])
+        pause_wall = time.perf_counter() - t0
+        pending = {s: r.json().get("pending_approval") for s, r in zip(ids, sent) if r.status_code == 200}
+        paused = {s: p for s, p in pending.items() if p}
+        t0 = time.perf_counter()
+        decided = await asyncio.gather(*[c.post(f"/sessions/{s}/approvals", json={"call_id": p["call_id"],
+                                                                                 "decision": "approve"})
+                                         for s, p in paused.items()])
+        resume_wall = time.perf_counter() - t0
+    replies = [r.json() for r in decided if r.status_code == 200]
+    return {"created": len(ids), "http_errors": (n - len(ids)) + sum(r.status_code != 200 for r in sent)
+            + sum(r.status_code != 200 for r in decided), "paused": len(paused), "pause_wall": pause_wall,
+            "answered": sum(1 for r in replies if r.get("reply") is not None), "resume_wall": resume_wall}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps-sessions", type=int, default=20, help="sequential sessions per overhead variant")
@@ -318,6 +343,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=3.0, help="sessions/s for the planner check (0: skip)")
     ap.add_argument("--rate-s", type=float, default=20.0, help="seconds of arrivals for the planner check")
     ap.add_argument("--many", type=int, default=1000, help="sessions at once, with store and memory figures (0: skip)")
+    ap.add_argument("--many-paused", type=int, default=1000,
+                    help="sessions paused on an approval at once, then all approved (0: skip)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -387,6 +414,8 @@ def main() -> None:
             many = asyncio.run(many_sessions(base, args.many, rng))
             mem1, size1 = actor_memory(result.actors), db_size()
             results["many"] = (many, mem0, mem1, ingress_memory(spec.name), size0, size1)
+        if args.many_paused:
+            results["paused"] = asyncio.run(many_paused(served["approval"][1].url, args.many_paused, rng))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -458,6 +487,14 @@ def report(args, variants: dict, results: dict) -> None:
         print(f"| session actors' RSS before / after | {a0:.0f} / {a1:.0f} MB (2 actors) |")
         print(f"| their tool processes (PSS) | {n0} / {n1} processes, {t0:.0f} / {t1:.0f} MB |")
         print(f"| ingress replica(s) RSS after | {ingress:.0f} MB |")
+    if "paused" in results:
+        p = results["paused"]
+        print(f"\n### {args.many_paused} sessions paused on an approval at once, then all approved\n")
+        print("| measure | value |")
+        print("|---|---|")
+        print(f"| created / HTTP errors (all requests) | {p['created']} / {p['http_errors']} |")
+        print(f"| paused on the tool call | {p['paused']} (messages wall {p['pause_wall']:.1f} s) |")
+        print(f"| answered after the approval | {p['answered']} (approvals wall {p['resume_wall']:.1f} s) |")
 
 
 if __name__ == "__main__":
