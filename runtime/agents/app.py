@@ -29,7 +29,7 @@ import re
 from typing import Any
 
 from runtime.agents.loop import ApprovalError
-from runtime.agents.responses import ResponsesAPI, check_body
+from runtime.agents.responses import ResponsesAPI, check_allow_tools, check_body
 from runtime.agents.store import check_shared
 from runtime.agents.worker import (
     SESSION_ID_RE,
@@ -248,13 +248,7 @@ def request_validator(max_message_chars: int, tool_names: list[str], model: str 
             if unknown:
                 raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}; a new session accepts allow_tools",
                                 param=unknown[0])
-            allow = body.get("allow_tools", [])
-            if not isinstance(allow, list) or not all(isinstance(n, str) for n in allow):
-                raise HTTPError(400, "allow_tools must be a list of tool names", param="allow_tools")
-            bad = sorted(set(allow) - set(tool_names))
-            if bad:
-                raise HTTPError(400, f"allow_tools: unknown tool(s) {', '.join(bad)}; this agent's tools: "
-                                     f"{', '.join(tool_names) or 'none'}", param="allow_tools")
+            check_allow_tools(body.get("allow_tools", []), tool_names)
         elif _MESSAGES.search(path):
             content = body.get("content") if isinstance(body, dict) else None
             if not isinstance(content, str) or not content.strip():

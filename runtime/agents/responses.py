@@ -96,14 +96,18 @@ def check_body(body: Any, *, model: str, max_message_chars: int, tool_names: lis
         if body.get("allow_tools") is not None:
             raise HTTPError(400, "allow_tools is fixed when a conversation starts; omit it with "
                                  "previous_response_id", param="allow_tools")
-    allow = body.get("allow_tools")
-    if allow is not None:
-        if not isinstance(allow, list) or not all(isinstance(n, str) for n in allow):
-            raise HTTPError(400, "allow_tools must be a list of tool names", param="allow_tools")
-        bad = sorted(set(allow) - set(tool_names))
-        if bad:
-            raise HTTPError(400, f"allow_tools: unknown tool(s) {', '.join(bad)}; this agent's tools: "
-                                 f"{', '.join(tool_names) or 'none'}", param="allow_tools")
+    if body.get("allow_tools") is not None:
+        check_allow_tools(body["allow_tools"], tool_names)
+
+
+def check_allow_tools(allow: Any, tool_names: list[str]) -> None:
+    """A body's ``allow_tools`` (``POST /sessions`` and ``/v1/responses``): names of this agent's tools."""
+    if not isinstance(allow, list) or not all(isinstance(n, str) for n in allow):
+        raise HTTPError(400, "allow_tools must be a list of tool names", param="allow_tools")
+    bad = sorted(set(allow) - set(tool_names))
+    if bad:
+        raise HTTPError(400, f"allow_tools: unknown tool(s) {', '.join(bad)}; this agent's tools: "
+                             f"{', '.join(tool_names) or 'none'}", param="allow_tools")
 
 
 def _texts(value: Any) -> tuple[str, str]:
