@@ -10,7 +10,8 @@ with engine start-up included and in steady state (from the first output to the 
 - bare ``vllm.LLM.generate`` on all prompts at once (steady = the generate call);
 - a plain ``ray.data.llm`` processor as its docs show it (separate tokenize and detokenize
   stages, ``detokenize=False`` in the engine);
-- ``raylane`` (``run_batch``): driver-side tokenization, engine stage only, shard commits.
+- ``raylane`` (``run_batch``): reads and tokenizes in workers (prepare actors), engine stage, shard
+  commits from a writer actor.
 """
 
 from __future__ import annotations
