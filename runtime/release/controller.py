@@ -49,6 +49,7 @@ class RolloutController:
 
         while not self._stop.is_set():
             interval = 5.0
+            self.error = None
             try:
                 state = rollout_status(self.name, self.storage_root)
                 interval = float(state.config.get("interval_s", 30.0))
@@ -64,7 +65,6 @@ class RolloutController:
                 rollout_evaluate(self.name, windows["champion"], windows["candidate"],
                                  storage_root=self.storage_root)
                 self.turns += 1
-                self.error = None
             except Exception as e:  # storage, registry or probe hiccup: try again next turn (within 5 s)
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("rollout %s: %s", self.name, self.error)
@@ -81,7 +81,12 @@ class RolloutController:
         quality = RolloutSpec.model_validate(state.config).checks.quality
         if quality is None:
             return windows
-        scores = step_scores(self.storage_root, state, quality, api_key=probe_api_key())
+        try:
+            scores = step_scores(self.storage_root, state, quality, api_key=probe_api_key())
+        except RaylaneError as e:  # no score: the step is inconclusive (held, then per on_low_traffic)
+            self.error = str(e)
+            log.warning("rollout %s: %s", self.name, e)
+            return windows
         return {arm: dataclasses.replace(w, quality=scores[arm]) for arm, w in windows.items()}
 
     def ensure_running(self) -> dict:
