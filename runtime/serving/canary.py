@@ -18,8 +18,8 @@ limited already), added in one place: ``RaylaneLLMServer.__serve_build_asgi_app_
   with ``x-raylane-probe: <the rollout's probe token>`` (a secret in the state file only). Pinned
   requests are served but not counted in the arms' windows; a pin without the token is ignored.
 - Test-only fault injection: with ``$RAYLANE_TEST_CANARY_FAULTS`` naming a JSON file
-  (``{"delay_s": {"candidate": 0.5}}``) in the replica's environment, each request of that arm
-  waits that long before it is served (re-read with the state). Unset (always, in production),
+  (``{"delay_s": {"candidate": 0.5}}``) in the replica's environment, each live request of that
+  arm waits that long before it is served (re-read with the state). Unset (always, in production),
   nothing is read.
 
 Only adapter rollouts are routed: a base-model candidate needs an engine of its own.
@@ -167,7 +167,7 @@ class CanaryRouter:
 
     async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str, probe: bool = False):
         start = self.clock()
-        if self.watch.delay_s(arm):
+        if not probe and self.watch.delay_s(arm):
             await asyncio.sleep(self.watch.delay_s(arm))
         seen = {"status": 500, "ttft": None}
         # The client named the stable id and reads it back in "model" (vLLM echoes the LoRA id).
