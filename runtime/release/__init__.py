@@ -46,6 +46,7 @@ def rollout_start(spec: str | Path | dict[str, Any] | Any, candidate: str | None
     if problems:
         raise SpecError(f"rollout of {spec.name!r}", [SpecProblem("", p) for p in problems],
                         hint="fix the spec's rollout section or --candidate, then rerun `raylane rollout start`")
+    rollout = _with_probe_defaults(spec, rollout)
     model_id, champion_ref = spec.release_target(rollout)
     name = parse_ref(champion_ref)[0]
     root = spec.storage.resolved()
@@ -147,6 +148,21 @@ def record_outcome(state: RolloutState, storage_root: str) -> None:
         if h["verdict"] != "hold" or h.get("failed"):
             tags[f"{prefix}.decision.{i:03d}"] = json.dumps(h, separators=(",", ":"), default=str)
     Registry(storage_root).set_tags(model, version, tags)
+
+
+def _with_probe_defaults(spec, rollout):
+    """``rollout`` with its quality probe's endpoint and golden set path settled now (a relative
+    path is taken from here), the golden set checked before anything starts."""
+    from runtime.release.probe import read_golden_set
+    from runtime.storage import is_remote
+
+    q = rollout.checks.quality
+    if q is None:
+        return rollout
+    golden = q.golden_set if is_remote(q.golden_set) else str(Path(q.golden_set).expanduser().resolve())
+    q = q.model_copy(update={"golden_set": golden, "endpoint": q.endpoint or f"http://127.0.0.1:{spec.port}"})
+    read_golden_set(q.golden_set)
+    return rollout.model_copy(update={"checks": rollout.checks.model_copy(update={"quality": q})})
 
 
 def _pinned(ref: str, storage_root: str) -> str:

@@ -4,7 +4,8 @@
 >>> start_controller("chat", "/mnt/raylane")            # needs ray.init(address=...) first  # doctest: +SKIP
 
 Every ``interval_s`` it reads the saved state, adds up the replicas' per-arm windows of the
-current step (``runtime.release.windows``), and applies one decision (``rollout_evaluate``):
+current step (``runtime.release.windows``), adds the quality probe's scores of the step (probed
+once per step through the live endpoint, ``runtime.release.probe``), and applies one decision (``rollout_evaluate``):
 the new weight reaches the replicas through the state file, a promotion moves the registry
 alias. It keeps nothing in memory that the state file does not have, so a controller that is
 killed and started again (or restarted by Ray: ``max_restarts=-1``) continues at the saved
@@ -37,6 +38,8 @@ class RolloutController:
         self.turns = 0
         self.error: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._again = False
         self._thread = threading.Thread(target=self._loop, name=f"rollout-{name}", daemon=True)
         self._thread.start()
 
@@ -45,22 +48,58 @@ class RolloutController:
         from runtime.release.windows import read_windows
 
         while not self._stop.is_set():
+            interval = 5.0
+            self.error = None
             try:
                 state = rollout_status(self.name, self.storage_root)
+                interval = float(state.config.get("interval_s", 30.0))
                 if state.done:
                     finish(state, self.storage_root)  # a predecessor may have died before the registry moved
-                    return
+                    with self._lock:
+                        if not self._again:
+                            return
+                        self._again = False
+                    continue
                 windows = read_windows(self.storage_root, state.app, state.rollout_id, state.step)
+                windows = self._with_quality(state, windows)
                 rollout_evaluate(self.name, windows["champion"], windows["candidate"],
                                  storage_root=self.storage_root)
                 self.turns += 1
-                self.error = None
-                interval = float(state.config.get("interval_s", 30.0))
-            except Exception as e:  # storage or registry hiccup: try again next turn
+            except Exception as e:  # storage, registry or probe hiccup: try again next turn (within 5 s)
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("rollout %s: %s", self.name, self.error)
-                interval = 5.0
+                interval = min(interval, 5.0)
             self._stop.wait(interval)
+
+    def _with_quality(self, state, windows: dict) -> dict:
+        """``windows`` with the step's quality probe scores (none configured: as they are)."""
+        import dataclasses
+
+        from runtime.release.probe import probe_api_key, step_scores
+        from runtime.specs.serving import RolloutSpec
+
+        quality = RolloutSpec.model_validate(state.config).checks.quality
+        if quality is None:
+            return windows
+        try:
+            scores = step_scores(self.storage_root, state, quality, api_key=probe_api_key())
+        except RaylaneError as e:  # no score: the step is inconclusive (held, then per on_low_traffic)
+            self.error = str(e)
+            log.warning("rollout %s: %s", self.name, e)
+            return windows
+        return {arm: dataclasses.replace(w, quality=scores[arm]) for arm, w in windows.items()}
+
+    def ensure_running(self) -> dict:
+        """Restart the loop if it ended (its rollout finished): the app's next rollout reuses this
+        actor, which ``get_if_exists`` hands back."""
+        with self._lock:
+            if self._thread.is_alive():
+                self._again = True  # a loop that just saw the old rollout finished goes on
+            else:
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._loop, name=f"rollout-{self.name}", daemon=True)
+                self._thread.start()
+        return self.info()
 
     def info(self) -> dict:
         return {"name": self.name, "turns": self.turns, "running": self._thread.is_alive(), "error": self.error}
@@ -71,7 +110,7 @@ class RolloutController:
 
 def start_controller(name: str, storage_root: str):
     """The controller actor of rollout ``name`` on the connected Ray cluster (the running one
-    if there is one). Refuses rollouts whose checks it cannot gather yet."""
+    if there is one)."""
     import ray
 
     from runtime.release import rollout_status
@@ -79,17 +118,17 @@ def start_controller(name: str, storage_root: str):
     state = rollout_status(name, storage_root)
     if state.done:
         raise RaylaneError(f"rollout {name!r} is {state.state}; there is nothing to control")
-    if (state.config.get("checks") or {}).get("quality"):
-        raise RaylaneError(f"rollout {name!r} has checks.quality: the controller does not run the quality "
-                           "probe yet, so every step would stay inconclusive",
-                           hint="drop rollout.checks.quality for now (see README: Release)")
     if not ray.is_initialized():
         raise RaylaneError("no Ray cluster connected", hint="ray.init(address=...) or runtime.init_ray(address)")
+    from runtime.serving.keys import replica_key_env
+
+    # The quality probe is a client of the app: it finds an API key the way replicas do (only a
+    # file path ever travels, never a key value).
     actor = ray.remote(RolloutController).options(
         name=actor_name(name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, num_cpus=0)
+        max_restarts=-1, num_cpus=0, runtime_env={"env_vars": replica_key_env()})
     handle = actor.remote(name, storage_root)
-    ray.get(handle.info.remote())  # started (or already running)
+    ray.get(handle.ensure_running.remote())  # started, or already running (an earlier rollout's: going again)
     return handle
 
 

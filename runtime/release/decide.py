@@ -18,15 +18,17 @@ same time span) and applies the verdict to the rollout's state (``runtime.releas
 - ``rollback``: a check failed ``failure_limit`` times, or the step stayed inconclusive past what
   ``on_low_traffic`` allows.
 
-A check that fails counts as soon as the candidate has ``min_requests`` (fail fast); a pass
-counts only once ``min_step_s`` has elapsed too. At 100 % the champion serves nothing, so its
-side comes from ``baseline``: its window from the step before.
+A check that fails counts as soon as the candidate has ``min_requests`` (fail fast); the quality
+probe needs no live traffic, so its failure counts at once. A pass counts only once
+``min_step_s`` has elapsed too. At 100 % the champion serves nothing, so its side comes from
+``baseline``: its window from the step before (the probe still scores the champion itself, so
+its quality is the current one).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from runtime.specs.serving import RolloutSpec
@@ -92,7 +94,7 @@ def decide(champion: ArmWindow, candidate: ArmWindow, cfg: RolloutSpec, *, step:
     ref = champion
     ref_note = ""
     if champion.requests < max(cfg.min_requests, 1) and baseline is not None:
-        ref, ref_note = baseline, " (champion from the previous step)"
+        ref, ref_note = replace(baseline, quality=champion.quality), " (champion from the previous step)"
     arms = {"champion": ref.to_dict(), "candidate": candidate.to_dict()}
 
     def verdict(v: Verdict, reason: str, **kw) -> Decision:
@@ -112,6 +114,17 @@ def decide(champion: ArmWindow, candidate: ArmWindow, cfg: RolloutSpec, *, step:
         return verdict("hold", f"holding for traffic: {why} ({elapsed_s:.0f}s of at most {limit:g}s)",
                        check=check, inconclusive=True)
 
+    def failed(check: str, why: str) -> Decision:
+        n = failures + 1
+        if n >= cfg.failure_limit:
+            return verdict("rollback", f"{why}; failure {n} of failure_limit {cfg.failure_limit}",
+                           check=check, failed=True)
+        return verdict("hold", f"{why}; failure {n} of failure_limit {cfg.failure_limit}, checking again",
+                       check=check, failed=True)
+
+    quality = _quality_problem(ref, candidate, cfg)
+    if quality is not None and quality[0] == "failed":  # the probe needs no live traffic: fail fast
+        return failed(quality[1], quality[2])
     if candidate.requests < cfg.min_requests:
         return inconclusive("min_requests", f"candidate served {candidate.requests} of min_requests "
                             f"{cfg.min_requests}")
@@ -123,13 +136,7 @@ def decide(champion: ArmWindow, candidate: ArmWindow, cfg: RolloutSpec, *, step:
     if outcome is not None and outcome[0] == "missing":
         return inconclusive(outcome[1], outcome[2])
     if outcome is not None:
-        _, check, why = outcome
-        n = failures + 1
-        if n >= cfg.failure_limit:
-            return verdict("rollback", f"{why}; failure {n} of failure_limit {cfg.failure_limit}",
-                           check=check, failed=True)
-        return verdict("hold", f"{why}; failure {n} of failure_limit {cfg.failure_limit}, checking again",
-                       check=check, failed=True)
+        return failed(outcome[1], outcome[2])
 
     if elapsed_s < cfg.min_step_s:
         return verdict("hold", f"checks pass; {elapsed_s:.0f}s of min_step_s {cfg.min_step_s:g}s")
@@ -157,13 +164,21 @@ def _first_problem(champion: ArmWindow, candidate: ArmWindow, cfg: RolloutSpec,
         if cand / champ > limit:
             return ("failed", check, f"{what} {cand * 1000:.0f} ms on the candidate vs {champ * 1000:.0f} ms on the "
                     f"champion{note} (ratio {cand / champ:.2f} > {check} {limit:g})")
-    if c.quality is not None:
-        if candidate.quality is None or champion.quality is None:
-            arm = "candidate" if candidate.quality is None else "champion"
-            return "missing", "quality.max_drop", f"no quality probe score for the {arm} yet"
-        drop = champion.quality - candidate.quality
-        if drop > c.quality.max_drop + 1e-12:
-            return ("failed", "quality.max_drop",
-                    f"quality {candidate.quality:.4g} on the candidate vs {champion.quality:.4g} on the champion "
-                    f"(drop {drop:.4g} > quality.max_drop {c.quality.max_drop:g})")
+    return _quality_problem(champion, candidate, cfg)
+
+
+def _quality_problem(champion: ArmWindow, candidate: ArmWindow,
+                     cfg: RolloutSpec) -> tuple[Literal["failed", "missing"], str, str] | None:
+    """The quality probe's (kind, check, why): its scores missing or a drop past ``max_drop``."""
+    q = cfg.checks.quality
+    if q is None:
+        return None
+    if candidate.quality is None or champion.quality is None:
+        arm = "candidate" if candidate.quality is None else "champion"
+        return "missing", "quality.max_drop", f"no quality probe score for the {arm} yet"
+    drop = champion.quality - candidate.quality
+    if drop > q.max_drop + 1e-12:
+        return ("failed", "quality.max_drop",
+                f"quality {candidate.quality:.4g} on the candidate vs {champion.quality:.4g} on the champion "
+                f"(drop {drop:.4g} > quality.max_drop {q.max_drop:g})")
     return None

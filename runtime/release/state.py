@@ -15,6 +15,7 @@ A controller that restarts loads the file and continues at the saved step.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +53,9 @@ class RolloutState:
     reason: str = ""
     baseline: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The quality probe's secret: a request carrying it may pin its arm (``runtime.serving.canary``).
+    # Only the state file (the storage root) has it; status, history and tags never show it.
+    probe_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @classmethod
     def start(cls, *, name: str, app: str, model_id: str, champion: str, candidate: str, config: dict,
@@ -125,6 +129,7 @@ class RolloutState:
         data = dict(data)
         if data.pop("schema", SCHEMA) != SCHEMA:
             raise RaylaneError(f"rollout state of schema {data.get('schema')} is not readable by this raylane")
+        data.setdefault("probe_token", "")  # written before the probe existed: nothing can pin an arm
         return cls(**data)
 
     @classmethod

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -314,6 +315,8 @@ def build_app(spec):
         # where the keys are. Only a file path ever travels (a runtime env is visible in the
         # Serve API, actor listings and logs); see replica_key_env.
         options["runtime_env"]["env_vars"].update(replica_key_env())
+    if os.environ.get(canary.FAULTS_ENV):  # test-only fault injection (see runtime.serving.canary)
+        options["runtime_env"]["env_vars"][canary.FAULTS_ENV] = os.environ[canary.FAULTS_ENV]
     llm = LLMConfig(**options)
     bind = {"spec": dump_spec(spec)}
     if spec.adapters:

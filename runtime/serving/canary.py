@@ -14,6 +14,14 @@ limited already), added in one place: ``RaylaneLLMServer.__serve_build_asgi_app_
 - Each arm's requests, errors (5xx), TTFT (first body chunk) and end-to-end time are counted per
   step and flushed every ``flush_s`` to the storage root (``runtime.release.windows``).
 
+- The quality probe (``runtime.release.probe``) pins its arm: ``x-raylane-arm: champion|candidate``
+  with ``x-raylane-probe: <the rollout's probe token>`` (a secret in the state file only). Pinned
+  requests are served but not counted in the arms' windows; a pin without the token is ignored.
+- Test-only fault injection: with ``$RAYLANE_TEST_CANARY_FAULTS`` naming a JSON file
+  (``{"delay_s": {"candidate": 0.5}}``) in the replica's environment, each live request of that
+  arm waits that long before it is served (re-read with the state). Unset (always, in production),
+  nothing is read.
+
 Only adapter rollouts are routed: a base-model candidate needs an engine of its own.
 """
 
@@ -21,8 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -39,6 +49,8 @@ FLUSH_S = 2.0
 PROMOTED_GRACE_S = 30.0
 VERSION_HEADER = b"x-raylane-model-version"
 ARM_HEADER = b"x-raylane-arm"
+PROBE_HEADER = b"x-raylane-probe"
+FAULTS_ENV = "RAYLANE_TEST_CANARY_FAULTS"
 
 
 def candidate_model_id(state: RolloutState) -> str:
@@ -64,6 +76,11 @@ class RolloutWatch:
         self.store, self.app, self.ttl_s, self.clock = RolloutStore(storage_root), app, ttl_s, clock
         self._at: float | None = None
         self._state: RolloutState | None = None
+        self._faults: dict = {}
+
+    def delay_s(self, arm: str) -> float:
+        """The injected delay of ``arm`` (test-only, ``$RAYLANE_TEST_CANARY_FAULTS``); 0 without."""
+        return float((self._faults.get("delay_s") or {}).get(arm, 0.0))
 
     async def current(self) -> RolloutState | None:
         now = self.clock()
@@ -73,10 +90,32 @@ class RolloutWatch:
                 self._state = await asyncio.to_thread(self.store.get, self.app)
             except Exception as e:  # storage hiccup: keep serving with what we knew
                 log.warning("rollout %s: cannot read its state (%s); keeping the last one", self.app, e)
+            self._faults = _read_faults()
         s = self._state
         if s is not None and s.state == "promoted" and time.time() - s.updated_at < PROMOTED_GRACE_S:
             return s  # the candidate keeps all traffic until every replica's alias cache has moved on
         return s if s is not None and s.state == "progressing" else None
+
+
+def _read_faults() -> dict:
+    path = os.environ.get(FAULTS_ENV)
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def pinned_arm(scope, state: RolloutState) -> str | None:
+    """The arm a quality-probe request pins (its ``x-raylane-probe`` is the rollout's token); None
+    for every other request."""
+    headers = {k.lower(): v for k, v in scope.get("headers", [])}
+    token, arm = headers.get(PROBE_HEADER), headers.get(ARM_HEADER, b"").decode("latin-1")
+    if not token or not state.probe_token or arm not in ("champion", "candidate"):
+        return None
+    return arm if hmac.compare_digest(token, state.probe_token.encode()) else None
 
 
 def client_id(scope, body: dict) -> str:
@@ -113,7 +152,8 @@ class CanaryRouter:
             parsed = None
         if not isinstance(parsed, dict) or parsed.get("model") != state.model_id:
             return await self.app(scope, replay_body(body, receive), send)
-        arm = choose_arm(client_id(scope, parsed), state.rollout_id, state.step, state.weight)
+        pinned = pinned_arm(scope, state)
+        arm = pinned or choose_arm(client_id(scope, parsed), state.rollout_id, state.step, state.weight)
         version = state.champion
         if arm == "candidate":
             version = state.candidate
@@ -123,10 +163,12 @@ class CanaryRouter:
             body = json.dumps({**parsed, "model": served}).encode()
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
             scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
-        await self._serve(scope, replay_body(body, receive), send, state, arm, version)
+        await self._serve(scope, replay_body(body, receive), send, state, arm, version, probe=pinned is not None)
 
-    async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str):
+    async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str, probe: bool = False):
         start = self.clock()
+        if not probe and self.watch.delay_s(arm):
+            await asyncio.sleep(self.watch.delay_s(arm))
         seen = {"status": 500, "ttft": None}
         # The client named the stable id and reads it back in "model" (vLLM echoes the LoRA id).
         # Compact JSON, as vLLM's pydantic responses and Starlette's JSONResponse write it.
@@ -150,10 +192,10 @@ class CanaryRouter:
         try:
             await self.app(scope, receive, tagged_send)
         finally:
-            ok = seen["status"] < 500
-            self.recorder.record(state.rollout_id, state.step, arm, ok=ok, ttft_s=seen["ttft"],
-                                 e2e_s=self.clock() - start)
-            self._maybe_flush()
+            if not probe:  # the probe's requests are not live traffic
+                self.recorder.record(state.rollout_id, state.step, arm, ok=seen["status"] < 500,
+                                     ttft_s=seen["ttft"], e2e_s=self.clock() - start)
+                self._maybe_flush()
 
     def _maybe_flush(self) -> None:
         """Counts reach storage within ``flush_s`` of a request, in one write per replica at a time."""

@@ -125,11 +125,19 @@ class QualityProbeSpec(StrictModel):
 
     golden_set: str = Field(
         min_length=1,
-        description="JSONL file (local path or s3:// URI), one {\"prompt\": ..., \"reference\": ...} per line.",
+        description="JSONL file (local path or s3:// URI), one {\"prompt\": ..., \"reference\": ...} per line; "
+        "each prompt goes to /v1/completions, greedy (temperature 0).",
     )
     metric: str = Field(
         description="Import path 'pkg.mod:fn' with fn(completions, references) -> float, higher is better "
-        "(like eval.metric, it must be importable where the rollout controller runs).",
+        "(like eval.metric, it must be importable where the rollout controller runs); "
+        "'runtime.release.probe:exact_match' is built in.",
+    )
+    endpoint: str | None = Field(
+        None, pattern=r"^https?://",
+        description="Base URL of the app as the rollout controller reaches it (e.g. "
+        "http://chat-serve-svc:8000 on KubeRay); null = http://127.0.0.1:<port>, the Serve proxy on "
+        "the controller's node.",
     )
     max_drop: float = Field(
         0.0, ge=0, description="The candidate's score may be at most this much (absolute) below the champion's.",
@@ -153,8 +161,8 @@ class RolloutChecksSpec(StrictModel):
         1.25, ge=1, description="Candidate end-to-end latency p95 / champion's, at most; null = not checked.",
     )
     quality: QualityProbeSpec | None = Field(
-        None, description="Quality probe on a golden set; null = none. Not run by the controller yet, "
-        "which refuses a rollout that has one.",
+        None, description="Quality probe: a golden set sent to both arms once per step through the live "
+        "endpoint, scored by a metric; null = none.",
     )
 
 

@@ -119,3 +119,61 @@ def test_candidate_ref_only_for_versions_of_the_adapters_model():
     assert candidate_ref("support@x", adapters) is None
     assert candidate_ref("local@3", adapters) is None
     assert candidate_ref("other@3", adapters) is None
+
+
+@pytest.mark.anyio
+async def test_probe_pins_its_arm_only_with_the_token_and_is_not_counted(rig):
+    c, store, state, ensured, recorder, root = rig
+    probe = {"x-raylane-probe": state.probe_token}
+    async with c:
+        for key in KEYS[:20]:
+            for arm in ("champion", "candidate"):
+                r = await c.post("/v1/chat/completions", json={"model": "chat:support", "messages": MSG},
+                                 headers={"Authorization": f"Bearer {key}", "x-raylane-arm": arm, **probe})
+                assert r.headers["x-raylane-arm"] == arm
+                assert r.json()["served"] == ("chat:support@2" if arm == "candidate" else "chat:support")
+        recorder.flush()
+        w = read_windows(str(root), "chat", state.rollout_id, 0)
+        assert w["champion"].requests == w["candidate"].requests == 0  # the probe is not live traffic
+        # without the token (or with another) the header is a wish the router ignores
+        sticky = {k: (await ask(c, k)).headers["x-raylane-arm"] for k in KEYS[:40]}
+        for key in KEYS[:40]:
+            want = "candidate" if sticky[key] == "champion" else "champion"
+            for extra in ({}, {"x-raylane-probe": "0" * 32}):
+                r = await c.post("/v1/chat/completions", json={"model": "chat:support", "messages": MSG},
+                                 headers={"Authorization": f"Bearer {key}", "x-raylane-arm": want, **extra})
+                assert r.headers["x-raylane-arm"] == sticky[key]
+        # a state written before the probe existed has no token: nothing pins
+        store.save(dataclasses.replace(state, probe_token=""))
+        r = await c.post("/v1/chat/completions", json={"model": "chat:support", "messages": MSG},
+                         headers={"Authorization": f"Bearer {KEYS[0]}", "x-raylane-arm": "candidate",
+                                  "x-raylane-probe": ""})
+        assert r.headers["x-raylane-arm"] == sticky[KEYS[0]]
+
+
+@pytest.mark.anyio
+async def test_injected_delay_is_test_only_and_per_arm(rig, monkeypatch):
+    import json
+    import time
+
+    from runtime.serving.canary import FAULTS_ENV
+
+    c, store, state, ensured, recorder, root = rig
+    faults = root / "faults.json"
+    faults.write_text(json.dumps({"delay_s": {"candidate": 0.5}}))
+    async with c:
+        keys = {}
+        for key in KEYS[:40]:
+            keys.setdefault((await ask(c, key)).headers["x-raylane-arm"], key)
+        for arm, key in keys.items():  # the env var unset: the file is never read
+            t0 = time.monotonic()
+            await ask(c, key)
+            assert time.monotonic() - t0 < 0.5
+        monkeypatch.setenv(FAULTS_ENV, str(faults))
+        await ask(c, KEYS[0])  # the next state read (ttl 0 here) picks the file up
+        for arm, key in keys.items():
+            t0 = time.monotonic()
+            r = await ask(c, key)
+            took = time.monotonic() - t0
+            assert r.headers["x-raylane-arm"] == arm
+            assert (took >= 0.5) == (arm == "candidate"), (arm, took)

@@ -32,7 +32,7 @@ def run(sequence, cfg=CFG, now0=1000.0):
 
 
 def test_good_candidate_walks_every_step_and_is_promoted():
-    idle = ArmWindow()
+    idle = ArmWindow(quality=0.80)  # no live traffic at 100 %, but the probe still scores the champion
     seq = [
         (10, GOOD_CHAMP, GOOD_CAND),            # step 1: checks pass but too early -> hold
         (61, GOOD_CHAMP, GOOD_CAND),            # -> advance to 50 %
@@ -150,3 +150,31 @@ def test_finished_rollouts_take_no_decisions_and_abort_once():
         aborted.abort()
     with pytest.raises(RaylaneError, match="no rollout named 'nope'"):
         RolloutStore("/nonexistent-root").load("nope")
+
+
+def test_quality_probe_fails_fast_without_live_traffic():
+    """The probe needs no live traffic: a drop rolls back before the candidate has min_requests."""
+    worse = ArmWindow(requests=0, quality=0.5)
+    d = decide(GOOD_CHAMP, worse, CFG, step=0, elapsed_s=1)
+    assert (d.verdict, d.check, d.failed) == ("rollback", "quality.max_drop", True)
+    assert d.arms["candidate"]["quality"] == 0.5 and d.arms["champion"]["quality"] == 0.8
+    # a drop within max_drop does not decide anything without traffic
+    d = decide(GOOD_CHAMP, ArmWindow(requests=0, quality=0.79), CFG, step=0, elapsed_s=1)
+    assert (d.verdict, d.check, d.inconclusive) == ("hold", "min_requests", True)
+    # with failure_limit 2 the first drop is counted and held
+    cfg = CFG.model_copy(update={"failure_limit": 2})
+    st = run([(1, GOOD_CHAMP, worse), (2, GOOD_CHAMP, worse)], cfg)
+    assert [(h["verdict"], h["failed"]) for h in st.history] == [("hold", True), ("rollback", True)]
+
+
+def test_quality_at_100_percent_compares_with_the_champion_probed_now():
+    """At 100 % the champion's latency and errors come from the step before, its quality from the
+    probe of this step (pinned to it although it serves no live traffic)."""
+    baseline = ArmWindow(requests=900, errors=9, ttft_p95_s=0.2, e2e_p95_s=1.0, quality=0.30)
+    probed_now = ArmWindow(quality=0.90)
+    cand = ArmWindow(requests=100, errors=1, ttft_p95_s=0.2, e2e_p95_s=1.0, quality=0.60)
+    d = decide(probed_now, cand, CFG, step=2, elapsed_s=61, baseline=baseline)
+    assert (d.verdict, d.check) == ("rollback", "quality.max_drop")
+    assert d.arms["champion"]["requests"] == 900 and d.arms["champion"]["quality"] == 0.9
+    d = decide(ArmWindow(), cand, CFG, step=2, elapsed_s=61, baseline=baseline)  # not probed yet
+    assert (d.verdict, d.inconclusive) == ("hold", True) and "no quality probe score for the champion" in d.reason

@@ -110,16 +110,24 @@ def test_cli_start_status_abort(setup):
     assert r.returncode == 1 and "already aborted" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_controller_refuses_what_it_cannot_check_yet(setup):
+def test_quality_probe_settings_are_checked_and_settled_at_start(setup):
     from runtime.release.controller import start_controller
 
     reg, path, root = setup
     spec = yaml.safe_load(path.read_text())
-    spec["rollout"]["checks"] = {"quality": {"golden_set": "g.jsonl", "metric": "pkg.m:score"}}
+    golden = root / "golden.jsonl"
+    spec["rollout"]["checks"] = {"quality": {"golden_set": str(golden), "metric": "pkg.m:score"}}
     path.write_text(yaml.safe_dump(spec))
-    release.rollout_start(path)
-    with pytest.raises(RaylaneError, match="does not run the quality probe yet"):
-        start_controller("chat", str(root))
+    with pytest.raises(RaylaneError, match="rollout.checks.quality.golden_set: cannot read"):
+        release.rollout_start(path)
+    golden.write_text('{"prompt": "a"}\n')
+    with pytest.raises(RaylaneError, match="golden_set: line 1 of .* is not"):
+        release.rollout_start(path)
+    golden.write_text('{"prompt": "a", "reference": "b"}\n')
+    st = release.rollout_start(path)
+    quality = st.config["checks"]["quality"]
+    assert (quality["endpoint"], quality["golden_set"]) == ("http://127.0.0.1:8000", str(golden))
+    assert st.probe_token and st.probe_token not in json.dumps(st.summary())
     release.rollout_abort("chat", str(root))
     with pytest.raises(RaylaneError, match="aborted; there is nothing to control"):
         start_controller("chat", str(root))
