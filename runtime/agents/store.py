@@ -60,6 +60,10 @@ class SessionStore(Protocol):
         """Extend the lease; False when ``holder`` no longer holds it (expired and taken over)."""
         ...
 
+    def take_over(self, session_id: str, old: str, new: str, ttl_s: float) -> bool:
+        """Give the lease to ``new`` if ``old`` (known dead) still holds it."""
+        ...
+
     def release(self, session_id: str, holder: str) -> None: ...
 
     def lease(self, session_id: str) -> dict[str, Any] | None:
@@ -135,6 +139,11 @@ class SQLiteStore:
     def renew(self, session_id: str, holder: str, ttl_s: float) -> bool:
         cur = self._conn().execute("UPDATE leases SET expires = ? WHERE id = ? AND holder = ?",
                                    (time.time() + ttl_s, session_id, holder))
+        return cur.rowcount == 1
+
+    def take_over(self, session_id: str, old: str, new: str, ttl_s: float) -> bool:
+        cur = self._conn().execute("UPDATE leases SET holder = ?, expires = ? WHERE id = ? AND holder = ?",
+                                   (new, time.time() + ttl_s, session_id, old))
         return cur.rowcount == 1
 
     def release(self, session_id: str, holder: str) -> None:
@@ -229,6 +238,13 @@ class RedisStore:
     return 0
     """
 
+    # KEYS: lease. ARGV: the dead holder, the new holder, ttl ms.
+    _TAKE_OVER = """
+    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    return 1
+    """
+
     _RELEASE = """
     if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
     return 0
@@ -251,6 +267,7 @@ class RedisStore:
         self._save = self._r.register_script(self._SAVE)
         self._lease = self._r.register_script(self._LEASE)
         self._release = self._r.register_script(self._RELEASE)
+        self._take_over = self._r.register_script(self._TAKE_OVER)
 
     def _doc(self, session_id: str) -> str:
         return f"{self.prefix}:doc:{session_id}"
@@ -284,6 +301,9 @@ class RedisStore:
 
     def renew(self, session_id: str, holder: str, ttl_s: float) -> bool:
         return self._lease(keys=[self._leased(session_id)], args=[holder, max(1, int(ttl_s * 1000)), 0]) == 1
+
+    def take_over(self, session_id: str, old: str, new: str, ttl_s: float) -> bool:
+        return self._take_over(keys=[self._leased(session_id)], args=[old, new, max(1, int(ttl_s * 1000))]) == 1
 
     def release(self, session_id: str, holder: str) -> None:
         self._release(keys=[self._leased(session_id)], args=[holder])

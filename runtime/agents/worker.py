@@ -129,14 +129,14 @@ class SessionWorkerImpl:
         self.loop: AgentLoop | None = None  # built once the MCP servers' tools are known
         self._ready = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._name, self._id = _actor_identity()
 
     @contextlib.asynccontextmanager
     async def _turn(self, session_id: str):
         """Hold the session's lease (and its lock in this actor) for one turn; ``SessionBusy`` when
         another turn holds it."""
-        holder = f"{self._holder}:{uuid.uuid4().hex[:12]}"
-        if not self.store.acquire(session_id, holder, LEASE_S):
+        holder = f"{self._name}|{self._id}|{uuid.uuid4().hex[:12]}"
+        if not self.store.acquire(session_id, holder, LEASE_S) and not self._take_over(session_id, holder):
             raise SessionBusy(busy_message(session_id, self.store.lease(session_id)))
         renewer = asyncio.ensure_future(self._renew(session_id, holder))
         try:
@@ -145,6 +145,18 @@ class SessionWorkerImpl:
         finally:
             renewer.cancel()
             self.store.release(session_id, holder)
+
+    def _take_over(self, session_id: str, holder: str) -> bool:
+        """Take the lease from an earlier incarnation of this actor: the same name with another
+        actor id means that one is dead (a live actor keeps its name), so its turn is not running
+        and the next turn need not wait for its lease to expire."""
+        lease = self.store.lease(session_id)
+        if lease is None or self._name is None:
+            return False
+        name, _, rest = lease["holder"].partition("|")
+        if name != self._name or rest.partition("|")[0] == self._id:
+            return False
+        return self.store.take_over(session_id, lease["holder"], holder, LEASE_S)
 
     async def _renew(self, session_id: str, holder: str) -> None:
         while True:
@@ -402,6 +414,21 @@ def close_and_kill(name: str, timeout_s: float = 15) -> None:
     except Exception:  # noqa: BLE001, S110 - a dead or stuck actor is killed all the same
         pass
     ray.kill(actor, no_restart=True)
+
+
+def _actor_identity() -> tuple[str | None, str]:
+    """(this actor's name, its id) inside a Ray actor; (None, host:pid) elsewhere (tests, notebooks)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            actor_id = ctx.get_actor_id()
+            if actor_id:
+                return ctx.get_actor_name() or None, actor_id
+    except Exception:  # noqa: BLE001, S110 - no Ray here: an identity that never takes over
+        pass
+    return None, f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -104,6 +104,8 @@ def test_the_lease_admits_one_holder_and_an_expired_one_is_taken_over(store):
     assert store.lease("s1")["holder"] == "b"
     store.release("s1", "b")
     assert store.lease("s1") is None and store.acquire("s1", "c", 5)
+    assert not store.take_over("s1", "b", "d", 5)  # only from the holder named
+    assert store.take_over("s1", "c", "d", 5) and store.lease("s1")["holder"] == "d"
 
 
 class Held:
@@ -181,5 +183,26 @@ def test_a_turn_keeps_its_lease_while_it_runs_past_the_ttl(tmp_path, monkeypatch
             await other.send(sid, "meanwhile")
         llm.go.set()
         return await first
+
+    assert asyncio.run(scenario())["reply"] == "ok"
+
+
+def test_a_recreated_actor_takes_over_its_dead_incarnations_lease_at_once(tmp_path):
+    """A session actor died mid-turn and Ray recreated it under the same name: the next turn need
+    not wait out the lease (a live actor keeps its name, so the old one is dead). An actor of
+    another deployment (another name) still waits for it to expire."""
+    llm = Held()
+    llm.go.set()
+    w = _worker(str(tmp_path / "sessions.db"), llm)
+    w._name, w._id = "t-abc-session-0", "actor-2"
+
+    async def scenario():
+        sid = (await w.create("s1"))["id"]
+        w.store.acquire(sid, "t-abc-session-0|actor-1|tok", 60)  # the dead incarnation
+        first = await w.send(sid, "after the restart")
+        w.store.acquire(sid, "t-new-session-0|actor-9|tok", 60)  # a live actor of another deployment
+        with pytest.raises(worker_mod.SessionBusy, match="for up to 60 s more"):
+            await w.send(sid, "blocked")
+        return first
 
     assert asyncio.run(scenario())["reply"] == "ok"
