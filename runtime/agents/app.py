@@ -30,9 +30,10 @@ from typing import Any
 
 from runtime.agents.loop import ApprovalError
 from runtime.agents.responses import ResponsesAPI, check_allow_tools, check_body
-from runtime.agents.store import check_shared
+from runtime.agents.store import SessionConflict, check_shared
 from runtime.agents.worker import (
     SESSION_ID_RE,
+    SessionBusy,
     SessionNotFound,
     SessionQuotaExceeded,
     SessionRouter,
@@ -177,11 +178,15 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
                         return _paused(session)
                     if session["status"] != "active":
                         return _ended(session)
-                    return StreamingResponse(_ndjson(self.router.send_stream(session_id, content, owner)),
-                                             media_type="application/x-ndjson")
+                    # The first record before the headers: a busy session is a 409, not a broken stream.
+                    events = self.router.send_stream(session_id, content, owner)
+                    first = await anext(events)
+                    return StreamingResponse(_ndjson(_prepend(first, events)), media_type="application/x-ndjson")
                 reply = await self.router.send(session_id, content, owner)
             except SessionNotFound:
                 raise _missing(session_id) from None
+            except SessionConflict as e:
+                return _conflict(e, request)
             if reply.get("reply") is None and reply["status"] == "awaiting_approval" and not reply["steps"]:
                 return _paused(reply)
             if reply.get("reply") is None and reply["status"] != "active" and not reply["steps"]:
@@ -197,6 +202,8 @@ def build_ingress(spec, app_config: dict[str, Any], *, forward_keys: bool = Fals
                                                 body.get("reason"), _owner(request))
             except SessionNotFound:
                 raise _missing(session_id) from None
+            except SessionConflict as e:
+                return _conflict(e, request)
             except ApprovalError as e:
                 e = getattr(e, "cause", e)  # Ray's wrapper keeps the worker's error as its cause
                 kind = "approval_conflict" if e.status == 409 else "invalid_request_error"
@@ -327,6 +334,22 @@ def _ended(record: dict):
                   "type": "session_ended", "code": 409},
         "end_reason": record.get("end_reason")})
 
+
+
+def _conflict(e: Exception, request):
+    """409 for a session another turn holds (``session_busy``) or saved first (``session_conflict``)."""
+    from fastapi.responses import JSONResponse
+
+    cause = getattr(e, "cause", None) or e  # Ray's wrapper keeps the worker's error as its cause
+    kind = "session_busy" if isinstance(e, SessionBusy) or isinstance(cause, SessionBusy) else "session_conflict"
+    return JSONResponse(status_code=409, content=json.loads(error_body(
+        409, getattr(cause, "message", str(cause)), kind, request.headers.get("x-request-id", ""))))
+
+
+async def _prepend(first, rest):
+    yield first
+    async for event in rest:
+        yield event
 
 
 async def _ndjson(events):

@@ -23,7 +23,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from runtime.agents.worker import SessionNotFound, SessionQuotaExceeded, TurnConflict
+from runtime.agents.store import SessionConflict
+from runtime.agents.worker import SessionBusy, SessionNotFound, SessionQuotaExceeded, TurnConflict
 from runtime.serving.guard import HTTPError
 
 RESPONSE_ID_RE = re.compile(r"resp_([A-Za-z0-9_-]{1,64})_([0-9]{1,9})")
@@ -354,6 +355,8 @@ class ResponsesAPI:
             raise self._missing(prev or response_id(sid, turn + 1)) from None
         except TurnConflict:
             raise self._conflict(prev) from None
+        except SessionConflict as e:
+            raise self._busy(e) from None
         finally:
             if not keep:
                 await self._forget(sid, owner)
@@ -421,6 +424,9 @@ class ResponsesAPI:
         except TurnConflict:
             for e in events.fail(self._conflict(meta["previous_response_id"]).message, "conflict"):
                 yield sse(e)
+        except SessionConflict as e:
+            for ev in events.fail(self._busy(e).message, "conflict"):
+                yield sse(ev)
         except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
             for ev in events.fail(f"the agent's turn failed ({type(e).__name__}); the session keeps its saved "
                                   f"steps: continue with previous_response_id {response_id(sid, turn - 1)}"
@@ -440,6 +446,14 @@ class ResponsesAPI:
     def _missing(rid: str, param: str | None = "previous_response_id") -> HTTPError:
         return HTTPError(404, f"no response {rid[:120]!r} (ids are resp_<session>_<turn>, for the key that made "
                               "them)", "not_found_error", param=param)
+
+    @staticmethod
+    def _busy(e: Exception) -> HTTPError:
+        """Another request's turn holds the session (or saved it first): 409, nothing run."""
+        cause = getattr(e, "cause", None) or e
+        busy = isinstance(e, SessionBusy) or isinstance(cause, SessionBusy)
+        return HTTPError(409, getattr(cause, "message", str(cause)), "session_busy" if busy else "session_conflict",
+                         param="previous_response_id")
 
     @staticmethod
     def _conflict(prev: str | None) -> HTTPError:

@@ -17,6 +17,7 @@ from typing import Any
 from runtime.agents.app import build_ingress
 from runtime.agents.config import agent_app_config, index_uri, llm_app_name
 from runtime.agents.retrieval import build_index, read_manifest
+from runtime.agents.store import check_shared
 from runtime.agents.tools import load_tools
 from runtime.agents.worker import SessionRouter, close_and_kill
 from runtime.errors import RaylaneError
@@ -92,6 +93,8 @@ def start_agent(spec, *, address: str | None = None, port: int | None = None, ho
     t0 = time.perf_counter()
     port = spec.port if port is None else (port or free_port(host))
     config = prepare_app_config(spec)
+    # Before anything is deployed (the ingress checks again where Serve starts it: serve deploy, KubeRay).
+    check_shared(**config["store"])
     serve_config = spec.shape.serve_config(spec)
     if spec.llm.model:
         _log(f"deploying the LLM app {llm_app_name(spec)!r} (model {spec.llm.model}); ~30 s to load on CPU")

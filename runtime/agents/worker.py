@@ -16,6 +16,12 @@ None with ``auth: none``) with the one stored at creation, and a mismatch reads 
 session", so a key can neither read nor tell apart another key's sessions. Session ids are
 random (128 bits) and made here, never chosen by the client.
 
+One turn at a time per session, across every actor and deployment: a turn takes the session's
+lease in the store (``LEASE_S``, renewed while it runs) and a second turn meanwhile fails at once
+with ``SessionBusy`` (HTTP 409); a lease whose actor died expires and the next turn takes it over
+(then settles the cut-off turn). Saves are compare-and-set on the record's revision, so even a
+turn whose lease ran out (a stalled actor) cannot overwrite what the next one saved.
+
 A session paused for approval costs nothing but its record in the store: ``decide`` loads it in
 whichever actor the id routes to. A turn cut off after a side-effecting call's recorded result
 is finished from the record when the session is next loaded (``AgentLoop.settle``).
@@ -24,11 +30,15 @@ is finished from the record when the session is next loaded (``AgentLoop.settle`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
+import socket
+import uuid
 import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -38,7 +48,7 @@ from typing import Any
 from runtime.agents.llm import make_client
 from runtime.agents.loop import AgentConfig, AgentLoop, new_session
 from runtime.agents.mcptools import McpTools
-from runtime.agents.store import open_store
+from runtime.agents.store import SessionConflict, open_store
 from runtime.agents.telemetry import AgentMetrics, configure_exporter
 from runtime.agents.toolrun import ToolRunner
 
@@ -52,8 +62,23 @@ CRASH_AFTER_RECORD = "RAYLANE_TEST_CRASH_AFTER_RECORD"
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+# A turn's lease on its session: renewed every LEASE_S / 3 while the turn runs, so a turn whose
+# actor died blocks its session for at most LEASE_S.
+LEASE_S = 15.0
+
+
 class SessionNotFound(KeyError):
     pass
+
+
+class SessionBusy(SessionConflict):
+    """Another turn holds the session's lease (it is running now, in this actor or another)."""
+
+
+def busy_message(session_id: str, lease: dict | None) -> str:
+    left = f" for up to {lease['expires_in_s']:.0f} s more" if lease else ""
+    return (f"a turn is already running on session {session_id}; retry after it ends (its lease is held{left}; "
+            f"GET /sessions/{session_id} shows its progress)")
 
 
 class SessionQuotaExceeded(Exception):
@@ -104,6 +129,43 @@ class SessionWorkerImpl:
         self.loop: AgentLoop | None = None  # built once the MCP servers' tools are known
         self._ready = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._name, self._id = _actor_identity()
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, session_id: str):
+        """Hold the session's lease (and its lock in this actor) for one turn; ``SessionBusy`` when
+        another turn holds it."""
+        holder = f"{self._name}|{self._id}|{uuid.uuid4().hex[:12]}"
+        if not self.store.acquire(session_id, holder, LEASE_S) and not self._take_over(session_id, holder):
+            raise SessionBusy(busy_message(session_id, self.store.lease(session_id)))
+        renewer = asyncio.ensure_future(self._renew(session_id, holder))
+        try:
+            async with self._locks[session_id]:
+                yield
+        finally:
+            renewer.cancel()
+            self.store.release(session_id, holder)
+
+    def _take_over(self, session_id: str, holder: str) -> bool:
+        """Take the lease from an earlier incarnation of this actor: the same name with another
+        actor id means that one is dead (a live actor keeps its name), so its turn is not running
+        and the next turn need not wait for its lease to expire."""
+        lease = self.store.lease(session_id)
+        if lease is None or self._name is None:
+            return False
+        name, _, rest = lease["holder"].partition("|")
+        if name != self._name or rest.partition("|")[0] == self._id:
+            return False
+        return self.store.take_over(session_id, lease["holder"], holder, LEASE_S)
+
+    async def _renew(self, session_id: str, holder: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            if not self.store.renew(session_id, holder, LEASE_S):
+                # Stalled past the lease and taken over: this turn's next save is refused (stale
+                # revision), so the turn that took over keeps the session.
+                logging.getLogger("ray").warning("agent: lost the lease of session %s", session_id)
+                return
 
     def pid(self) -> int:
         return os.getpid()
@@ -180,7 +242,7 @@ class SessionWorkerImpl:
         loop = await self._loop()
         options = dict(options or {})
         after = options.pop("after_turn", None)
-        async with self._locks[session_id]:
+        async with self._turn(session_id):
             return await loop.send(self._at(await self._load(session_id, owner), after), content, **options)
 
     async def send_stream(self, session_id: str, content: str, owner: str | None = None,
@@ -188,7 +250,7 @@ class SessionWorkerImpl:
         loop = await self._loop()
         options = dict(options or {})
         after = options.pop("after_turn", None)
-        async with self._locks[session_id]:
+        async with self._turn(session_id):
             async for event in loop.turn(self._at(await self._load(session_id, owner), after), content, **options):
                 yield event
 
@@ -204,7 +266,7 @@ class SessionWorkerImpl:
         record. Raises ``ApprovalError`` (409: nothing pending or another call; 400: arguments
         outside the tool's schema). Repeating it after the actor died finishes the same call once."""
         loop = await self._loop()
-        async with self._locks[session_id]:
+        async with self._turn(session_id):
             session = await self._load(session_id, owner)
             loop.check_decision(session, call_id, decision, arguments)
             reply: dict = {}
@@ -352,6 +414,21 @@ def close_and_kill(name: str, timeout_s: float = 15) -> None:
     except Exception:  # noqa: BLE001, S110 - a dead or stuck actor is killed all the same
         pass
     ray.kill(actor, no_restart=True)
+
+
+def _actor_identity() -> tuple[str | None, str]:
+    """(this actor's name, its id) inside a Ray actor; (None, host:pid) elsewhere (tests, notebooks)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            actor_id = ctx.get_actor_id()
+            if actor_id:
+                return ctx.get_actor_name() or None, actor_id
+    except Exception:  # noqa: BLE001, S110 - no Ray here: an identity that never takes over
+        pass
+    return None, f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -113,3 +113,16 @@ def test_cli_render_warns_and_apply_refuses(tmp_path):
     assert r.returncode == 0 and "warning: storage.root" in r.stderr
     r = run_cli("apply", str(spec_file), "--kubeconfig", str(tmp_path / "none"))
     assert r.returncode == 2 and "storage.root" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_rendered_agent_with_pod_local_sqlite_sessions_is_named_at_render_and_refused_at_apply(tmp_path):
+    """Issue 13 item 5: a RayService whose SQLite sessions would sit in one pod (each replica's node
+    its own store, all lost with the cluster); `raylane run` refuses the same at start
+    (runtime.shared_paths, tests/test_shared_paths.py)."""
+    spec_file = tmp_path / "helper.yaml"
+    spec_file.write_text(yaml.safe_dump({"kind": "Agent", "name": "helper", "storage": {"root": "s3://b/r"},
+                                         "sessions": {"backend": "sqlite"}}))
+    r = run_cli("render", str(spec_file), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0 and "warning: sessions: the SQLite session store" in r.stderr and "redis://" in r.stderr
+    r = run_cli("apply", str(spec_file), "--kubeconfig", str(tmp_path / "none"))
+    assert r.returncode == 2 and "sessions: the SQLite session store" in r.stderr and "Traceback" not in r.stderr
