@@ -161,3 +161,37 @@ def test_the_drift_fine_tune_carries_the_release(tmp_path):
     spec = parse_spec({**finetune(tmp_path), "drift": {"data": {"path": "recent.jsonl"}}})
     run = spec.with_run_name("bot-ft-drift-1")
     assert (run.name, run.registered_name(), run.release) == ("bot-ft-drift-1", "bot", spec.release)
+
+
+def test_rendered_manifests_carry_the_release_with_the_pods_storage_root(tmp_path):
+    """KubeRay: the FineTune's RayJob embeds the app's spec with the root its pods see, and the app's
+    RayService carries its rollout: settings; both CRD-checked. A root the pods do not share is named."""
+    from cluster import crds
+    from cluster.render import render
+    from cluster.storage import storage_problems
+
+    shared = {"storage": {"claim_name": "team-share"}}  # mounted at /mnt/raylane in every pod
+    data = finetune(tmp_path, rollout={"steps": [25, 100], "min_requests": 40})
+    data["kubernetes"] = shared
+    data["release"]["serve"]["kubernetes"] = shared
+    spec = parse_spec(data)
+    assert storage_problems(spec) == []
+    docs = render(spec)
+    job = docs[-1]
+    assert job["kind"] == "RayJob" and crds.check_manifest(job) == []
+    ran = parse_spec(yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["spec.yaml"]))
+    assert ran.storage.root == ran.release.serve.storage.root == "/mnt/raylane"  # what the pod validates
+    assert ran.release.rollout_for("support").steps == [25, 100]
+
+    serve = parse_spec({**data["release"]["serve"], "rollout": {"adapter": "support", "controller": "cluster"}})
+    service = render(serve)[-1]
+    assert service["kind"] == "RayService" and crds.check_manifest(service) == []
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["spec"]
+    carried = parse_spec(args)  # what each replica (and so the supervisor) reads
+    assert carried.rollout == serve.rollout and carried.storage.root == "/mnt/raylane"
+
+    local = parse_spec({**SERVE, "storage": {"root": str(tmp_path)}, "rollout": {"adapter": "support"}})
+    assert "rollout" in [p.path for p in storage_problems(local)]  # state and counts must be shared
+    data["release"]["serve"]["kubernetes"] = {"storage": {"claim_name": "team-share", "mount_path": "/mnt/other"}}
+    (p,) = [p for p in storage_problems(parse_spec(data)) if p.path == "release.serve"]
+    assert "'/mnt/other'" in p.message and "'/mnt/raylane'" in p.message
