@@ -27,17 +27,35 @@ def needs_controller(state: RolloutState | None) -> bool:
 
 
 def ensure_controller(name: str, storage_root: str) -> bool:
-    """Start rollout ``name``'s controller unless it runs already; True when this call started it."""
+    """Start rollout ``name``'s controller unless one is running; True when this call started it.
+    A controller whose loop has ended (its rollout finished) still holds the actor name: it is
+    replaced, or the next rollout of the app would find it and never move."""
+    import time
+
     import ray
 
     from runtime.release.controller import NAMESPACE, actor_name, start_controller
 
     try:
-        ray.get_actor(actor_name(name), namespace=NAMESPACE)
-        return False
-    except ValueError:  # no such actor: start it (get_if_exists settles a race between replicas)
-        start_controller(name, storage_root)
-        return True
+        handle = ray.get_actor(actor_name(name), namespace=NAMESPACE)
+    except ValueError:
+        handle = None
+    if handle is not None:
+        try:
+            if ray.get(handle.info.remote(), timeout=30)["running"]:
+                return False
+        except Exception:  # noqa: BLE001 - dead or unreachable: replace it
+            pass
+        ray.kill(handle, no_restart=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the name is free once the actor is gone
+            try:
+                ray.get_actor(actor_name(name), namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.2)
+    start_controller(name, storage_root)  # get_if_exists settles a race between replicas
+    return True
 
 
 async def supervise(app: str, storage_root: str, every_s: float = CHECK_S) -> None:
