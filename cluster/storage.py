@@ -38,7 +38,13 @@ def pod_storage_root(spec) -> str:
 
 
 def for_cluster(spec):
-    """A copy of ``spec`` whose storage root is the pods' (what the job or Serve app reads)."""
+    """A copy of ``spec`` whose storage root is the pods' (what the job or Serve app reads); a
+    FineTune's ``release.serve`` app gets its own pods' root too."""
+    release = getattr(spec, "release", None)
+    if release is not None:
+        serve = for_cluster(release.serve)
+        if serve is not release.serve:
+            spec = spec.model_copy(update={"release": release.model_copy(update={"serve": serve})})
     root = pod_storage_root(spec)
     if root == spec.storage.root:
         return spec
@@ -109,6 +115,21 @@ def storage_problems(spec) -> list[SpecProblem]:
                 "with it and replicas on other nodes cannot reach them; use sessions: {backend: redis, url: "
                 "redis://HOST:6379/0}, or kubernetes.storage with the SQLite file on it"
             ))
+    rollout = getattr(spec, "rollout", None)
+    if rollout is not None and not shared_root:
+        problems.append(SpecProblem(
+            "rollout", f"storage.root {spec.storage.root!r} is a path inside each pod, and a rollout's state, "
+            "the replicas' per-arm counts and its controller meet only there: each pod would see its own; set "
+            "storage.root to an s3:// URI or mount kubernetes.storage (a ReadWriteMany volume) in every pod"
+        ))
+    release = getattr(spec, "release", None)
+    if release is not None and pod_storage_root(release.serve) != pod_storage_root(spec):
+        problems.append(SpecProblem(
+            "release.serve", f"app {release.serve.name!r} sees its storage root as "
+            f"{pod_storage_root(release.serve)!r} in its pods, this run as {pod_storage_root(spec)!r}: the "
+            "rollout this run starts would not reach the app; give both the same s3:// root or mount the same "
+            "kubernetes.storage volume at the same mount_path"
+        ))
     if _uses_registry(spec) and not k.mlflow_tracking_uri and k.storage is None:
         problems.append(SpecProblem(
             "kubernetes.mlflow_tracking_uri", "the run uses the MLflow registry, which would be a SQLite file "

@@ -22,6 +22,7 @@ from runtime.batch.quickstart import stage_batch
 from runtime.log import logger
 from runtime.ray_env import ray_logs_dir, ray_session
 from runtime.registry import tracking_uri
+from runtime.release.quickstart import stage_release
 from runtime.serving.quickstart import stage_serve
 from runtime.tiny_model import model_fingerprint, write_tiny_model
 from runtime.training.quickstart import stage_train_finetune
@@ -33,6 +34,8 @@ class QuickstartContext:
     model_dir: Path | None = None
     adapter_dir: Path | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    serving: tuple[Any, str] | None = None  # (spec, url) of the app the serve stage leaves up for release
+    api_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +101,8 @@ FIGURES: dict[str, Callable[[dict], str]] = {
     "train": _train_figure,
     "batch": _batch_figure,
     "serve": lambda d: f"TTFT {d['ttft_ms']:.0f} ms ({d['model']}), ready in {d['ready_seconds']:g} s",
+    "release": lambda d: (f"{d['candidate']} promoted via {'→'.join(f'{w:g}' for w in d['steps'])} % in "
+                          f"{d['rollout_seconds']:g} s, {d['requests']} requests, {d['failed']} failed"),
     "agent": lambda d: (f"{d['steps']} steps, tools {', '.join(d['tools_called']) or 'none'}, "
                         f"{d['tokens']} tokens" + ("" if d.get("answered") else ", no answer")),
     "kuberay": _kuberay_figure,
@@ -128,6 +133,8 @@ STAGES: list[tuple[str, str, Callable[[QuickstartContext], dict]]] = [
      stage_batch),
     ("serve", "serve the model with the fine-tuned adapter on Ray Serve and stream one chat reply",
      stage_serve),
+    ("release", "drift -> a new fine-tune -> the eval gate -> a canary rollout on the live app -> promoted",
+     stage_release),
     ("agent", "an agent session with a calculator and retrieval over the sample corpus",
      stage_agent),
 ]

@@ -22,7 +22,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     stages = {s["stage"]: s for s in out["stages"]}
     assert (tmp_path / "qs" / "models" / "tiny-llama" / "model.safetensors").is_file()
 
-    assert list(stages) == ["tiny-model", "train", "batch", "serve", "agent", "kuberay"]
+    assert list(stages) == ["tiny-model", "train", "batch", "serve", "release", "agent", "kuberay"]
     train = stages["train"]
     assert train["training"]["final_step"] == 20 and train["finetune"]["final_step"] == 30
     assert train["finetune"]["registry"]["version"] and train["finetune"]["adapter"]
@@ -35,6 +35,16 @@ def test_quickstart_runs_every_stage(tmp_path):
 
     serve = stages["serve"]
     assert serve["reply"] and serve["adapter"] and serve["request_id"]
+    assert serve["adapter_ref"] == "models:/quickstart-lora@champion"  # what a rollout releases into
+
+    # drift -> fine-tune -> gate -> a canary on the live app -> promoted, every client request answered
+    rel = stages["release"]
+    assert rel["drift"]["action"] == "fine-tuned" and rel["gate"]["release"]["started"]
+    assert (rel["state"], rel["champion_before"], rel["champion_after"]) == ("promoted", 1, 2)
+    assert rel["candidate"] == "models:/quickstart-lora/2" and rel["failed"] == 0 and rel["requests"] > 0
+    assert rel["arms"].get("champion", 0) > 0 and rel["arms"].get("candidate", 0) > 0  # both arms served
+    assert [d["verdict"] for d in rel["decisions"]] == ["advance", "promote"], rel["decisions"]
+    assert rel["rollout_seconds"] < 60, rel  # the rollout itself, from its start to the promotion
 
     agent = stages["agent"]
     assert agent["answered"] and agent["steps"] >= 1

@@ -100,6 +100,8 @@ def where_next(r, log: Path | None) -> list[tuple[str, str]]:
         rows.append(("batch output", str(stages["batch"]["output"])))
         rows.append(("batch manifest", str(stages["batch"]["manifest"])))
         rows.append(("verify it", f"raylane batch verify {stages['batch']['output']}"))
+    if "release" in stages:
+        rows.append(("the rollout", stages["release"]["status"]))
     if "kuberay" in stages:
         rows.append(("KubeRay manifests", str(stages["kuberay"]["dir"])))
     examples = ROOT / "examples"

@@ -18,7 +18,8 @@ def register(sub) -> None:
                          "default: the spec's rollout.candidate, else models:/NAME@challenger")
     st.add_argument("--address", default=None,
                     help="Ray cluster serving the app (HOST:PORT; default $RAY_ADDRESS): start the rollout's "
-                         "controller there. Without one, only the rollout's state is written")
+                         "controller there now. Without one, the app's replicas start it (rollout.controller: "
+                         "cluster)")
     ss = verbs.add_parser("status", help="state, step, weight, per-arm metrics and the reason of the last decision")
     ab = verbs.add_parser("abort", help="end a rollout now: the candidate gets no more traffic; aliases untouched")
     ab.add_argument("--reason", default="aborted by hand", help="recorded in the rollout's history")
@@ -45,8 +46,12 @@ def _run(args) -> int:
 
                 release.rollout_control(state.name, address, load_spec(args.spec).storage.resolved())
             elif not args.json:
-                print("note: no controller started (no --address or $RAY_ADDRESS): the state is saved, "
-                      "nothing moves the weights", flush=True)
+                if state.config.get("controller", "cluster") == "cluster":
+                    print("note: the state is saved; the app's replicas start its controller on their "
+                          "cluster within seconds", flush=True)
+                else:
+                    print("note: rollout.controller is manual: nothing moves the weights until "
+                          "runtime.release.rollout_evaluate is called", flush=True)
         elif args.verb == "status":
             state = release.rollout_status(args.name, args.storage_root)
         else:

@@ -155,6 +155,10 @@ class RaylaneLLMServer(LLMServer):
         await super().__init__(llm_config, **kwargs)
         if store_ready is not None:
             await store_ready
+        if self._resolver is not None:  # adapter rollouts: their controller runs on this cluster
+            from runtime.release.supervisor import supervise
+
+            self._supervisor = asyncio.ensure_future(supervise(self._spec.name, storage_root))
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()

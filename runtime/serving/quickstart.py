@@ -1,5 +1,7 @@
 """Quickstart stage: serve the tiny model (with the fine-tuned adapter when the quickstart made
-one) behind raylane's ingress and stream one chat reply."""
+one, through its registry alias) behind raylane's ingress and stream one chat reply. The app stays
+up for the release stage (``runtime.release.quickstart``), which ends it; without an adapter it
+ends here."""
 
 from __future__ import annotations
 
@@ -12,16 +14,24 @@ from runtime.log import note
 from runtime.serving import start_serving
 from runtime.specs import parse_spec
 
+CLIENT_KEYS = 16  # API keys of the quickstart's clients
+
 
 def stage_serve(ctx) -> dict:
     import httpx
-    from ray import serve
 
-    key = os.environ.get("RAYLANE_API_KEYS", "").split(",")[0].strip()
-    if not key:
-        key = f"qs-{secrets.token_hex(8)}"
-        os.environ["RAYLANE_API_KEYS"] = key
-    adapters = {"tuned": str(ctx.adapter_dir)} if ctx.adapter_dir else {}
+    # Keys of our own for this local endpoint: the release stage's clients each need one (a
+    # canary's arm is sticky per key), beside any the user exported.
+    own = [f"qs-{secrets.token_hex(8)}" for _ in range(CLIENT_KEYS)]
+    mine = [k.strip() for k in os.environ.get("RAYLANE_API_KEYS", "").split(",") if k.strip()]
+    os.environ["RAYLANE_API_KEYS"] = ",".join([*mine, *own])
+    ctx.api_keys = own
+    key = own[0]
+    registered = ((ctx.results.get("train") or {}).get("finetune") or {}).get("registry") or {}
+    if ctx.adapter_dir and registered.get("alias") == "champion":  # what a rollout releases into
+        adapters = {"tuned": f"models:/{registered['name']}@champion"}
+    else:
+        adapters = {"tuned": str(ctx.adapter_dir)} if ctx.adapter_dir else {}
     spec = parse_spec({
         "kind": "OnlineInference", "name": "quickstart-chat", "model": str(ctx.model_dir), "model_id": "tiny",
         "adapters": adapters, "max_model_len": 512, "max_num_seqs": 8,
@@ -29,6 +39,7 @@ def stage_serve(ctx) -> dict:
     })
     served = start_serving(spec, port=0)
     model = "tiny:tuned" if adapters else "tiny"
+    keep = adapters.get("tuned", "").startswith("models:/")
     try:
         t0 = time.perf_counter()
         ttft, parts = None, []
@@ -51,10 +62,19 @@ def stage_serve(ctx) -> dict:
                 parts.append(delta)
         reply = "".join(parts)
         note("quickstart", f"  {model} -> {reply!r}")
+        if keep:
+            ctx.serving = (spec, served.url)
         return {"url": served.url, "model": model, "adapter": bool(adapters), "reply": reply,
                 "ttft_ms": round((ttft or 0) * 1000, 1), "request_id": request_id,
-                "ready_seconds": served.ready_seconds}
+                "ready_seconds": served.ready_seconds, "adapter_ref": adapters.get("tuned")}
     finally:
-        serve.delete(spec.name)
-        # Serve keeps its HTTP options (the port) until it shuts down; later stages start their own.
-        serve.shutdown()
+        if not keep or ctx.serving is None:
+            stop_serving(spec.name)
+
+
+def stop_serving(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)
+    # Serve keeps its HTTP options (the port) until it shuts down; later stages start their own.
+    serve.shutdown()

@@ -171,7 +171,8 @@ class RolloutSpec(StrictModel):
     checks pass; then the candidate is promoted (registry alias champion), else rolled back."""
 
     adapter: str | None = Field(
-        None, description="Key in 'adapters' whose version is released; null = the base model ('model').",
+        None, description="Key in 'adapters' whose version is released. Required: the canary router routes "
+        "adapters only (a base-model candidate needs an engine of its own), so null is refused.",
     )
     candidate: str | None = Field(
         None,
@@ -199,6 +200,12 @@ class RolloutSpec(StrictModel):
         "waits up to max_hold_s more, then rolls back; 'fail' rolls back at once.",
     )
     max_hold_s: float = Field(3600.0, ge=0, description="Longest a step is held for traffic (on_low_traffic: hold).")
+    controller: Literal["cluster", "manual"] = Field(
+        "cluster",
+        description="Who decides the steps: 'cluster' = the serving app's replicas start the rollout's controller "
+        "(a detached actor) on their own Ray cluster within seconds of the rollout appearing under the storage "
+        "root; 'manual' = nothing decides until runtime.release.rollout_evaluate is called (notebooks, tests).",
+    )
 
     @field_validator("steps")
     @classmethod
@@ -277,8 +284,8 @@ class OnlineInferenceSpec(SpecBase):
         "config and RayService bind 0.0.0.0 inside the cluster.",
     )
     rollout: RolloutSpec | None = Field(
-        None, description="Canary release settings for `raylane rollout start` (see README: Release); "
-        "null = the defaults, releasing the base model.",
+        None, description="Canary release settings for `raylane rollout start` and a FineTune's release: "
+        "(see README: Release); null = the defaults, which name no adapter: `rollout start` then refuses.",
     )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy: `raylane run` and the "
                       "rendered Serve config / RayService.")
@@ -334,12 +341,18 @@ def rollout_problems(spec: OnlineInferenceSpec, rollout: RolloutSpec) -> list[st
     """What keeps ``rollout`` from running on ``spec``: each problem names the field and the fix."""
     from runtime.registry import REF_RE
 
-    if rollout.adapter is not None and rollout.adapter not in spec.adapters:
+    if rollout.adapter is None:
+        known = ", ".join(spec.adapters)
+        fix = f"name the adapter to release (rollout.adapter: one of {known})" if known else \
+            "serve the model to release as an adapter (adapters: {NAME: models:/NAME@champion}) and name it"
+        return [f"rollout.adapter: null would release the base model, which the canary router cannot route "
+                f"(a base-model candidate needs an engine of its own); {fix}, or move the base model's alias "
+                "with `raylane registry promote`"]
+    if rollout.adapter not in spec.adapters:
         known = ", ".join(spec.adapters) or "none declared"
-        return [f"rollout.adapter: {rollout.adapter!r} is not a key of 'adapters' ({known}); name one, or "
-                "null to release the base model"]
-    field = f"adapters.{rollout.adapter}" if rollout.adapter else "model"
-    ref = spec.adapters[rollout.adapter] if rollout.adapter else spec.model
+        return [f"rollout.adapter: {rollout.adapter!r} is not a key of 'adapters' ({known}); name one"]
+    field = f"adapters.{rollout.adapter}"
+    ref = spec.adapters[rollout.adapter]
     champion = REF_RE.match(ref)
     if not champion or not champion["alias"]:
         return [f"rollout: {field} is {ref!r}; a release moves a registry alias, so {field} must be one, "

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from runtime.imports import check_import_path
 from runtime.specs.common import SpecBase, StrictModel
+from runtime.specs.serving import OnlineInferenceSpec, RolloutSpec
 from runtime.specs.shape import Shape
 from runtime.training import run_finetune, run_training  # light: Ray Train loads when they run
 
@@ -186,6 +188,70 @@ class LoraSpec(StrictModel):
     )
 
 
+class ReleaseSpec(StrictModel):
+    """Release a version that passes the eval gate through a canary on a serving app (a rollout,
+    ``runtime.release``) instead of moving ``champion`` at once."""
+
+    serve: OnlineInferenceSpec = Field(
+        description="The serving app to release into: the path of its OnlineInference spec YAML (relative to the "
+        "working directory; it is read when this spec loads) or that spec inline (what `raylane render` embeds).",
+    )
+    adapter: str | None = Field(
+        None, description="Key in the app's 'adapters' that serves this model; null = the app's rollout.adapter, "
+        "else the one adapter whose registry reference names this fine-tune's registered model.",
+    )
+    rollout: RolloutSpec | None = Field(
+        None, description="Rollout settings (steps, checks, ...) replacing the app's own rollout: section; null = "
+        "the app's. The candidate is always the version this run registers.",
+    )
+
+    @field_validator("serve", mode="before")
+    @classmethod
+    def _serve_file(cls, v: Any) -> Any:
+        if not isinstance(v, (str, Path)):
+            return v
+        import yaml
+
+        path = Path(v).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{str(v)!r} is not a file; give the path of the serving app's OnlineInference spec "
+                             "(relative to the working directory) or the spec inline")
+        try:
+            return yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{str(v)!r} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+
+    def target(self, model_name: str) -> tuple[str | None, list[str]]:
+        """(adapter key of the app that serves ``model_name``, problems)."""
+        from runtime.registry import REF_RE
+
+        app = self.serve
+        serving = {k: m["name"] for k, ref in app.adapters.items() if (m := REF_RE.match(ref))}
+        adapter = self.adapter or (self.rollout.adapter if self.rollout else None) or \
+            (app.rollout.adapter if app.rollout else None)
+        if adapter is None:
+            mine = [k for k, name in serving.items() if name == model_name]
+            if len(mine) != 1:
+                listed = ", ".join(f"{k} -> {app.adapters[k]}" for k in app.adapters) or "none"
+                why = "serves none" if not mine else f"serves it as {', '.join(mine)}"
+                return None, [f"release.adapter: app {app.name!r} {why} from models:/{model_name}@... (its adapters: "
+                              f"{listed}); name the adapter, or set registry.model_name to the model it serves"]
+            adapter = mine[0]
+        if adapter not in app.adapters:
+            return None, [f"release.adapter: {adapter!r} is not a key of the adapters of app {app.name!r} "
+                          f"({', '.join(app.adapters) or 'none declared'})"]
+        if serving.get(adapter) != model_name:
+            return None, [f"release.adapter: app {app.name!r} serves {adapter!r} from {app.adapters[adapter]!r}, "
+                          f"but this fine-tune registers {model_name!r}; set registry.model_name to "
+                          f"{serving.get(adapter) or 'the model it serves'!r} or name another adapter"]
+        return adapter, []
+
+    def rollout_for(self, adapter: str) -> RolloutSpec:
+        """The rollout the gate starts: these settings (else the app's), on ``adapter``."""
+        base = self.rollout or self.serve.rollout or RolloutSpec(adapter=adapter)
+        return base.model_copy(update={"adapter": adapter, "candidate": None})
+
+
 class FineTuneSpec(_TrainShape):
     """LoRA fine-tuning of a base causal LM with Ray Train and peft (``kind: FineTune``)."""
 
@@ -199,3 +265,34 @@ class FineTuneSpec(_TrainShape):
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
     drift: DriftSpec | None = Field(None, description="Drift trigger for `python -m jobs.drift_check`.")
+    release: ReleaseSpec | None = Field(
+        None, description="Serving app to release into: a version that passes the eval gate starts a rollout "
+        "there (canary, then promotion or rollback) instead of becoming champion at once; null = the gate "
+        "moves champion itself.",
+    )
+
+    @model_validator(mode="after")
+    def _release(self):
+        r = self.release
+        if r is None:
+            return self
+        from runtime.specs.serving import rollout_problems
+
+        problems = []
+        if not self.registry.enabled:
+            problems.append("release needs the registry (registry.enabled: true): a rollout releases a registered "
+                            "version")
+        if r.rollout is not None and r.rollout.candidate is not None:
+            problems.append("release.rollout.candidate: the candidate is the version this run registers; drop it")
+        if r.serve.storage.resolved() != self.storage.resolved():
+            problems.append(f"release.serve.storage.root ({r.serve.storage.root!r}) is not storage.root "
+                            f"({self.storage.root!r}): the app's replicas read the registry and the rollout under "
+                            "their root; use one root for both")
+        adapter, found = r.target(self.registered_name())
+        problems += found
+        if adapter is not None:
+            problems += [p.replace("rollout.", "release.rollout.", 1) if p.startswith("rollout.") else p
+                         for p in rollout_problems(r.serve, r.rollout_for(adapter))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

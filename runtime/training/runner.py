@@ -251,16 +251,45 @@ def _gate(spec, reg: Registry, version, rerun: bool, metrics: dict, champion_met
     else:
         decision = gate_decision(metrics, champion_metrics, spec.eval.gate_metric,
                                  margin=spec.eval.margin, higher_is_better=spec.eval.higher_is_better)
-        if decision.promote:
-            version = reg.promote(name, version.version)
         gate = decision.to_dict()
+        released = None
+        if decision.promote and getattr(spec, "release", None) is not None and champion is not None:
+            released = gate["release"] = release_version(spec, version.version)
+        elif decision.promote:
+            version = reg.promote(name, version.version)
         if champion:
             gate["champion_version"] = champion.version
-        alias = CHAMPION if decision.promote else "challenger"
+        alias = CHAMPION if decision.promote and released is None else "challenger"
     _log(f"{spec.name}: registered {name} v{version.version} as {alias}: {gate['reason']}")
     registry = {"name": name, "version": version.version, "alias": alias, "uri": reg.uri,
                 "model_uri": f"models:/{name}/{version.version}"}
     return registry, gate
+
+
+def release_version(spec, version: int) -> dict:
+    """Start a rollout of ``models:/NAME/version`` on ``spec.release``'s serving app (the gate
+    passed; ``champion`` stays where it is until the rollout promotes). A rollout that cannot start
+    (one already progressing there, say) leaves the version challenger and says so here."""
+    from runtime import release
+
+    r = spec.release
+    name = spec.registered_name()
+    adapter, _ = r.target(name)
+    app = r.serve.model_copy(update={"rollout": r.rollout_for(adapter)})
+    candidate = f"models:/{name}/{version}"
+    try:
+        state = release.rollout_start(app, candidate=candidate)
+    except RaylaneError as e:
+        _log(f"{spec.name}: the rollout of {candidate} on {app.name!r} did not start: {e.message}")
+        return {"started": False, "app": app.name, "candidate": candidate, "error": e.message,
+                "hint": e.hint or f"`raylane rollout start SERVE.yaml --candidate {candidate}` starts it by hand"}
+    how = ("its replicas start the controller" if app.rollout.controller == "cluster"
+           else "controller: manual, nothing decides until rollout_evaluate is called")
+    _log(f"{spec.name}: {candidate} passed the gate; rollout {state.rollout_id} on {app.name!r} "
+         f"({state.model_id}) at {state.weight:g}% ({how}); `raylane rollout status {app.name}`")
+    return {"started": True, "app": app.name, "rollout_id": state.rollout_id, "model_id": state.model_id,
+            "champion": state.champion, "candidate": state.candidate, "steps": state.steps,
+            "controller": app.rollout.controller}
 
 
 def _result(spec, prep: Prepared, fitted: _Fitted, metrics: dict, registry: dict | None, gate: dict | None,

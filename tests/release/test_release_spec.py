@@ -25,8 +25,7 @@ def test_defaults_and_release_target():
         ([10, 50, 100], 300, 100, 1, "hold")
     assert (r.checks.max_error_rate_increase, r.checks.max_ttft_p95_ratio, r.checks.quality) == (0.01, 1.25, None)
     assert spec.release_target() == ("chat:support", "models:/bot@champion")
-    base = parse_spec({**BASE, "model": "models:/base@champion", "rollout": {"steps": [25, 100]}})
-    assert base.release_target() == ("chat", "models:/base@champion")
+    assert r.controller == "cluster"  # the serving replicas start its controller
     assert parse_spec(BASE).rollout is None  # optional: `raylane rollout start` uses the defaults
 
 
@@ -45,8 +44,15 @@ def test_steps_are_validated(steps, message):
 def test_errors_name_the_field_and_the_fix():
     (p,) = problems({"adapter": "nope"})
     assert "rollout.adapter: 'nope' is not a key of 'adapters' (support)" in p
-    (p,) = problems({})  # the base model 'tiny' is no registry alias: nothing to promote
-    assert "model is 'tiny'" in p and "models:/NAME@champion" in p
+    (p,) = problems({})  # no adapter: the base model, which the canary router cannot route
+    assert p.startswith("rollout.adapter: null would release the base model") and "one of support" in p
+    base = {**BASE, "model": "models:/base@champion", "adapters": {}}
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base, "rollout": {"steps": [25, 100]}})
+    (p,) = [str(x) for x in e.value.problems]
+    assert "needs an engine of its own" in p and "serve the model to release as an adapter" in p
+    (p,) = problems({"adapter": "support", "controller": "auto"})
+    assert p.startswith("rollout.controller:") and "'cluster' or 'manual'" in p
     (p,) = problems({"adapter": "support", "candidate": "models:/other/2"})
     assert "names model 'other'" in p and "models:/bot/VERSION" in p
     (p,) = problems({"adapter": "support", "candidate": "/some/folder"})

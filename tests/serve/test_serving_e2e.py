@@ -320,8 +320,8 @@ def test_adapter_canary_rollout_on_the_live_engine(served, tiny_model, tmp_path)
 
     r, champion_text = complete()
     assert "x-raylane-arm" not in r.headers  # no rollout: nothing routed
-    rollout = RolloutSpec(adapter="bot", steps=[100], min_step_s=0, min_requests=2,
-                          checks={"max_ttft_p95_ratio": None, "max_e2e_p95_ratio": None})
+    rollout = RolloutSpec(adapter="bot", steps=[100], min_step_s=0, min_requests=2, controller="manual",
+                          checks={"max_ttft_p95_ratio": None, "max_e2e_p95_ratio": None})  # decided by hand below
     st = release.rollout_start(spec.model_copy(update={"rollout": rollout}), candidate=f"models:/e2e-bot/{v3.version}")
     r, candidate_text = until("candidate")  # the state reaches the replica within seconds
     assert r.headers["x-raylane-model-version"] == f"models:/e2e-bot/{v3.version}"
