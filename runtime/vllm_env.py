@@ -29,7 +29,8 @@ ENGINE_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 # fixed error file turns into a bare 500 (ray.serve._private.haproxy writes it; no setting changes
 # it). With "empty-response" (the replica closed the connection before any response byte) and
 # "503" (the guard's "engine died, retry") HAProxy re-sends the request to another replica
-# (`option redispatch`, up to 3 times), so the client gets the answer instead. Safe for inference:
+# (`option redispatch`, up to 3 times), so the client usually gets the answer instead (README,
+# multi-node figures: some still see a dropped connection). Safe for inference:
 # a lost generation has no side effect; an agent turn re-sent to another replica reloads its
 # session, whose side-effecting tool calls are recorded per idempotency key (README,
 # "exactly-once side effects"), so the retry never repeats an effect that was recorded. A response
