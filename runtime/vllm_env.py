@@ -23,7 +23,20 @@ ENGINE_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 # with ray[serve] on Linux. Every node of a cluster that serves raylane apps needs this variable:
 # local clusters get it from runtime.ray_env (an explicit RAY_SERVE_ENABLE_HA_PROXY=0 keeps
 # Serve's Python proxy, which forwards to the same app), KubeRay pods from cluster/render.py.
-SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+#
+# HAProxy's retry policy: Serve's default retries only a failed connect, so a request in flight on
+# a replica whose node dies ends as a dropped connection or as HAProxy's own 502, which Serve's
+# fixed error file turns into a bare 500 (ray.serve._private.haproxy writes it; no setting changes
+# it). With "empty-response" (the replica closed the connection before any response byte) and
+# "503" (the guard's "engine died, retry") HAProxy re-sends the request to another replica
+# (`option redispatch`, up to 3 times), so the client usually gets the answer instead (README,
+# multi-node figures: some still see a dropped connection). Safe for inference:
+# a lost generation has no side effect; an agent turn re-sent to another replica reloads its
+# session, whose side-effecting tool calls are recorded per idempotency key (README,
+# "exactly-once side effects"), so the retry never repeats an effect that was recorded. A response
+# already started (a stream after its 200 header) cannot be retried.
+SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response 503"}
 
 
 def engine_env(use_gpu: bool) -> dict[str, str]:

@@ -313,12 +313,14 @@ def test_rayservice_serve_config_is_what_serve_deploy_accepts(case):
         for p in cluster_of(m)["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
     }
     assert ports["serve"] == config["http_options"]["port"]
-    # Every node's Serve puts HAProxy in front of the replicas (the direct-streaming path).
+    # Every node's Serve puts HAProxy in front of the replicas (the direct-streaming path), which
+    # re-sends a request its replica dropped before answering to another replica.
     cluster = cluster_of(m)
     pods = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
     for pod in pods:
         env = {e["name"]: e["value"] for e in pod["template"]["spec"]["containers"][0]["env"]}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response 503"
 
 
 def test_raycronjob_carries_the_schedule_and_a_full_job_template():
