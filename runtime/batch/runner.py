@@ -387,6 +387,7 @@ def _executor(address: str | None, spec: BatchInferenceSpec) -> Iterator[pl.RayE
 FINISH_PASSES = 1
 # Restarts of the writer actor within one pass (its process or node died).
 WRITER_RESTARTS = 3
+WRITER_NAME = "raylane-batch-writer-"  # + run id: the writer actor's name (`ray list actors`)
 
 # With no shard committed for this long (engine start-up included), the run stops with an error
 # instead of waiting on: a backstop behind the engine's own deadline (runtime.batch.udf).
@@ -402,8 +403,9 @@ def _run_engine(spec: BatchInferenceSpec, address: str | None, plan: _BatchPlan,
 
     cpu_side = {"label_selector": dict(spec.prep_node_labels)} if spec.prep_node_labels else {}
     # Restartable (pl.ShardWriter); calls in flight when it died are retried on the new one.
-    writer = ray.remote(pl.ShardWriter).options(num_cpus=0, max_restarts=WRITER_RESTARTS, max_task_retries=-1,
-                                                **cpu_side).remote(*run.writer_args())
+    writer = ray.remote(pl.ShardWriter).options(
+        name=f"{WRITER_NAME}{run.run_id}-{uuid.uuid4().hex[:4]}", num_cpus=0, max_restarts=WRITER_RESTARTS,
+        max_task_retries=-1, **cpu_side).remote(*run.writer_args())
     try:
         items = [{"shard": i, "pieces": pl.pieces_json(plan.pieces[i])} for i in run.shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
