@@ -139,6 +139,10 @@ def build_processor(spec: BatchInferenceSpec, model_dir: str, adapter_dir: str |
     )
     processor = build(config)
     use_final_outputs(processor)  # one vLLM output per row, not one per row per step
+    if spec.engine_node_labels:
+        # The engine actors' own Ray options (one device per engine: no placement group).
+        for stage in processor.stages.values():
+            stage.map_batches_kwargs["label_selector"] = dict(spec.engine_node_labels)
     # The processor wraps even absent pre/postprocess functions in identity map stages; rows
     # arrive already wrapped (engine_input) and leave wrapped (engine_output), so drop both.
     processor.preprocess = processor.postprocess = None

@@ -170,10 +170,12 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """The task stages as Ray tasks; results come back in call order, a bounded number in flight."""
+    """The task stages as Ray tasks; results come back in call order, a bounded number in flight.
+    ``labels``: the Ray label selector the tasks run under (``prep_node_labels``)."""
 
-    def __init__(self, in_flight: int = 64):
+    def __init__(self, in_flight: int = 64, labels: dict[str, str] | None = None):
         self.in_flight = in_flight
+        self.options = {"label_selector": dict(labels)} if labels else {}
 
     def _run(self, remote, calls: list[tuple]) -> list[Any]:
         import ray
@@ -186,16 +188,17 @@ class RayExecutor:
 
         if not calls:
             return []
-        return _unwrap(lambda: self._run(ray.remote(num_cpus=num_cpus, max_retries=3)(fn), calls))
+        return _unwrap(lambda: self._run(ray.remote(num_cpus=num_cpus, max_retries=3, **self.options)(fn), calls))
 
     def digest(self, calls: list[tuple], num_cpus: float = 1.0) -> tuple[list[dict], dict]:
         import ray
 
         def go():
-            task = ray.remote(num_cpus=num_cpus, num_returns=2, max_retries=3)(digest_shards)
+            task = ray.remote(num_cpus=num_cpus, num_returns=2, max_retries=3, **self.options)(digest_shards)
             pairs = [task.remote(*c) for c in calls]
             # The ids travel worker to worker (object refs): the driver holds only the digests.
-            checked = ray.remote(num_cpus=num_cpus, max_retries=3)(check_ids).remote(*[p[1] for p in pairs])
+            checked = ray.remote(num_cpus=num_cpus, max_retries=3, **self.options)(check_ids).remote(
+                *[p[1] for p in pairs])
             digests = ray.get([p[0] for p in pairs])
             return [d for part in digests for d in part], ray.get(checked)
 
@@ -232,7 +235,13 @@ def error_row(row_id: str, reason: str) -> dict[str, Any]:
 class ShardWriter:
     """Groups rows by shard and commits each shard when its last row arrives (a Ray actor in a
     run; ``LocalExecutor`` runs use it in-process). Exactly once: a row seen again (a retried
-    task) or a row of a committed shard is dropped."""
+    task) or a row of a committed shard is dropped.
+
+    Restartable: Ray restarts the actor when its process or node dies (``max_restarts``), with the
+    same arguments. The new writer adopts the commit records this run already wrote (the driver
+    hears of them again and counts each shard once), so a shard is never committed twice; the
+    rows the old writer held in memory are gone, so their shards stay incomplete and
+    ``restarted`` tells the driver to run them again."""
 
     def __init__(self, out: str, fmt: str, run_id: str, expected: dict[int, int],
                  lease_uri: str | None = None, lease_token: str | None = None):
@@ -243,6 +252,20 @@ class ShardWriter:
         self.new: list[sh.CommitRecord] = []
         self.lease_uri, self.lease_token = lease_uri, lease_token
         self.lost: str | None = None
+        self.restarted = _actor_restarted()
+        if self.restarted:
+            self.adopt_commits()
+
+    def adopt_commits(self) -> None:
+        """Take over the shards this run committed before the writer restarted."""
+        for i, rec in sh.read_commits(self.out).items():
+            if i in self.buffers and rec.run_id == self.run_id:
+                del self.buffers[i]
+                self.done.add(i)
+                self.new.append(rec)
+
+    def was_restarted(self) -> bool:
+        return self.restarted
 
     def add(self, groups: dict[int, list[dict]]) -> int:
         for i, rows in groups.items():
@@ -286,6 +309,18 @@ class ShardWriter:
     def pending(self) -> dict[int, int]:
         """Shard -> rows still missing (for a run that ended with shards incomplete)."""
         return {i: self.expected[i] - len(b) for i, b in self.buffers.items()}
+
+
+def _actor_restarted() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (False outside an actor)."""
+    try:
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return False
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - no actor context: a first start
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

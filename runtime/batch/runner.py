@@ -63,6 +63,7 @@ class BatchResult:
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # damaged shards and bad records found and re-run
     input_files: list[str] | None = None  # incremental input: the files this run covered (None = all)
+    rerun_shards: list[int] = field(default_factory=list)  # a restarted writer lost their rows: run again
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +115,7 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, wait: boo
                 return _nothing_to_do(spec, run_id, time.perf_counter() - t0)
         lease = OutputLease(spec.output_path(), holder=run_id).acquire(wait=wait)
         leases.append(lease)
-        with _executor(address) as ex:
+        with _executor(address, spec) as ex:
             plan = _plan(spec, ex, files)
             run = _Run(spec, plan, run_id, lease)
             if plan.pending:
@@ -136,7 +137,7 @@ def run_batch(spec: BatchInferenceSpec, *, address: str | None = None, wait: boo
         shards_total=len(plan.ranges), shards_skipped=len(plan.committed), shards_run=len(plan.pending),
         rows_run=run.rows_run, output_tokens=run.tokens_run, seconds=round(seconds, 2),
         tokens_per_s=round(run.tokens_run / seconds, 1) if seconds else 0.0, problems=report.problems,
-        repaired=plan.repaired, input_files=files,
+        repaired=plan.repaired, input_files=files, rerun_shards=run.rerun_shards,
     )
 
 
@@ -304,22 +305,38 @@ class _Run:
     def __init__(self, spec: BatchInferenceSpec, plan: _BatchPlan, run_id: str, lease: OutputLease | None = None):
         self.spec, self.plan, self.run_id, self.lease = spec, plan, run_id, lease
         self.records: dict[int, sh.CommitRecord] = dict(plan.committed)
+        self.shards: list[int] = list(plan.pending)  # this pass's shards (a finishing pass: the rest)
         self.tokens_run = self.rows_run = 0
+        self.rerun_shards: list[int] = []  # left incomplete by a restarted writer, run again
         self.progress = _Progress(plan.rows, sum(r.rows for r in plan.committed.values()))
         # Counted per committed shard (rows that are durably done), so rate() is the real throughput.
         self.meter = RayMetrics("raylane_batch_rows", "raylane_batch_output_tokens")
 
     def writer_args(self) -> tuple:
-        """``ShardWriter``'s arguments: the pending shards' row counts and this run's lease."""
-        expected = {i: self.plan.ranges[i][1] - self.plan.ranges[i][0] for i in self.plan.pending}
+        """``ShardWriter``'s arguments: this pass's shards' row counts and this run's lease."""
+        expected = {i: self.plan.ranges[i][1] - self.plan.ranges[i][0] for i in self.shards}
         lease = self.lease
         return (self.plan.out, self.spec.output.format, self.run_id, expected,
                 _absolute(lease.uri) if lease else None, lease.token if lease else None)
 
     def generate(self, address: str | None) -> None:
-        """Prepare, generate and commit the pending shards (in Ray workers)."""
+        """Prepare, generate and commit the pending shards (in Ray workers).
+
+        A writer that Ray restarted (its process or node died) lost the rows it held: once the
+        pipeline has ended, one more pass runs the shards left incomplete, with a new writer."""
         try:
-            _run_engine(self.spec, address, self.plan, self)
+            for passes in range(1 + FINISH_PASSES):
+                end = _run_engine(self.spec, address, self.plan, self)
+                missing, writer_restarted = end if end else ({}, False)
+                if not missing:
+                    break
+                if not writer_restarted or passes == FINISH_PASSES:
+                    some = ", ".join(f"shard {i} ({n} rows)" for i, n in sorted(missing.items())[:3])
+                    raise self.failed(f"the engine stage ended with {len(missing)} shards incomplete: {some}")
+                _log(f"the shard writer restarted (its process or node died) and lost the rows of "
+                     f"{len(missing)} shards in progress; running them again")
+                self.shards = sorted(missing)
+                self.rerun_shards += self.shards
         except LeaseHeld:
             raise  # the folder is another run's now: write nothing more, not even the manifest
         except BatchEngineError:
@@ -338,8 +355,8 @@ class _Run:
 
     def on_commit(self, rec: sh.CommitRecord) -> None:
         """The writer committed shard ``rec.shard``."""
-        if rec.shard in self.records and rec.shard not in self.plan.pending:
-            return
+        if rec.shard in self.records:
+            return  # skipped by the plan, or heard of again from a restarted writer
         self.records[rec.shard] = rec
         self.tokens_run += rec.output_tokens
         self.rows_run += rec.rows
@@ -359,40 +376,55 @@ class _Run:
 
 
 @contextlib.contextmanager
-def _executor(address: str | None) -> Iterator[pl.RayExecutor]:
-    """Where the plan's and the verify's tasks run: the Ray cluster of this run."""
+def _executor(address: str | None, spec: BatchInferenceSpec) -> Iterator[pl.RayExecutor]:
+    """Where the plan's and the verify's tasks run: the Ray cluster of this run, on the nodes
+    ``prep_node_labels`` selects."""
     with ray_session(address):
-        yield pl.RayExecutor()
+        yield pl.RayExecutor(labels=spec.prep_node_labels)
 
+
+# Passes after the first over shards a restarted writer left incomplete (see _Run.generate).
+FINISH_PASSES = 1
+# Restarts of the writer actor within one pass (its process or node died).
+WRITER_RESTARTS = 3
+WRITER_NAME = "raylane-batch-writer-"  # + run id: the writer actor's name (`ray list actors`)
 
 # With no shard committed for this long (engine start-up included), the run stops with an error
 # instead of waiting on: a backstop behind the engine's own deadline (runtime.batch.udf).
 STARTUP_ALLOWANCE_S = 900.0
 
 
-def _run_engine(spec: BatchInferenceSpec, address: str | None, plan: _BatchPlan, run: _Run) -> None:
-    """The Ray Data pipeline: shards -> Prepare (CPU) -> vLLM engine stage -> Forward -> writer."""
+def _run_engine(spec: BatchInferenceSpec, address: str | None, plan: _BatchPlan, run: _Run
+                ) -> tuple[dict[int, int], bool]:
+    """The Ray Data pipeline over ``run.shards``: shards -> Prepare (CPU) -> vLLM engine stage ->
+    Forward -> writer. Returns the shards left incomplete (rows missing) and whether the writer
+    restarted."""
     import ray
 
-    writer = ray.remote(pl.ShardWriter).options(num_cpus=0, max_restarts=0).remote(*run.writer_args())
+    cpu_side = {"label_selector": dict(spec.prep_node_labels)} if spec.prep_node_labels else {}
+    # Restartable (pl.ShardWriter); calls in flight when it died are retried on the new one.
+    writer = ray.remote(pl.ShardWriter).options(
+        name=f"{WRITER_NAME}{run.run_id}-{uuid.uuid4().hex[:4]}", num_cpus=0, max_restarts=WRITER_RESTARTS,
+        max_task_retries=-1, **cpu_side).remote(*run.writer_args())
     try:
-        items = [{"shard": i, "pieces": pl.pieces_json(plan.pieces[i])} for i in plan.pending]
+        items = [{"shard": i, "pieces": pl.pieces_json(plan.pieces[i])} for i in run.shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
-            pl.Prepare, batch_size=1, concurrency=(1, spec.prep_workers), num_cpus=spec.prep_cpus,
+            pl.Prepare, batch_size=1, concurrency=(1, spec.prep_workers), num_cpus=spec.prep_cpus, **cpu_side,
             fn_constructor_kwargs=dict(spec=spec, model_dir=plan.model_dir, adapter_dir=plan.adapter_dir,
                                        root=plan.root, fmt=plan.in_fmt, text_col=plan.text_col, writer=writer),
         )
         ds = build_processor(spec, plan.model_dir, plan.adapter_dir)(ds)
         ds = ds.map_batches(pl.Forward, batch_size=None, batch_format="pyarrow", concurrency=1, num_cpus=0.25,
-                            fn_constructor_kwargs={"writer": writer})
-        _drive(spec, ds, writer, run)
+                            fn_constructor_kwargs={"writer": writer}, **cpu_side)
+        return _drive(spec, ds, writer, run)
     finally:
         ray.kill(writer)
 
 
-def _drive(spec: BatchInferenceSpec, ds, writer, run: _Run) -> None:
-    """Run the pipeline to its end while the driver collects commit records (never rows)."""
+def _drive(spec: BatchInferenceSpec, ds, writer, run: _Run) -> tuple[dict[int, int], bool]:
+    """Run the pipeline to its end while the driver collects commit records (never rows); then
+    the shards left incomplete and whether the writer restarted."""
     import threading
 
     import ray
@@ -429,9 +461,7 @@ def _drive(spec: BatchInferenceSpec, ds, writer, run: _Run) -> None:
     if failure:
         raise failure[0]
     missing = {i: n for i, n in ray.get(writer.pending.remote()).items() if n}
-    if missing:
-        some = ", ".join(f"shard {i} ({n} rows)" for i, n in sorted(missing.items())[:3])
-        raise run.failed(f"the engine stage ended with {len(missing)} shards incomplete: {some}")
+    return missing, bool(missing) and ray.get(writer.was_restarted.remote())
 
 
 def _verify(out: str, ex, num_cpus: float) -> sh.VerifyReport:

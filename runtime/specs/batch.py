@@ -131,6 +131,18 @@ class BatchInferenceSpec(SpecBase):
     )
     prep_cpus: float = Field(1.0, gt=0, description="Logical CPUs each of those actors (and each plan "
                              "digest task) reserves; fractions allowed.")
+    prep_node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels (a label_selector) the CPU side of the run must run on: the prepare "
+        "actors, the plan and verify tasks, the writer and its forwarder; e.g. {ray.io/node-group: cpu-workers} "
+        "(KubeRay labels each node with its worker group). {} = any node with free CPUs.",
+    )
+    engine_node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels (a label_selector) the engine replicas must run on, e.g. "
+        "{ray.io/node-group: gpu-workers}; {} = wherever their resources fit (resources.gpus_per_worker and "
+        "accelerator_type already keep GPU engines on GPU nodes).",
+    )
     shard_deadline_s: float | None = Field(
         None, gt=0,
         description="An engine with rows in flight that finishes none of them for this long is stalled: its "
@@ -192,6 +204,27 @@ class BatchInferenceSpec(SpecBase):
         if self.schedule and _min_gap_s(self.schedule) < 86400:
             raise ValueError(f"output.path: schedule {self.schedule!r} fires more than once a day, so with "
                              "{date} alone its runs would share a folder; use {datetime} or {date}/{time}")
+        return self
+
+    @field_validator("prep_node_labels", "engine_node_labels")
+    @classmethod
+    def _label_selector(cls, v: dict[str, str]) -> dict[str, str]:
+        if v:  # Ray loads only for a spec that sets one
+            from ray._private.label_utils import validate_label_selector
+
+            problem = validate_label_selector(v)
+            if problem:
+                raise ValueError(f"not a Ray label selector: {problem}")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_labels_need_one_device(self):
+        devices = int(self.engine_kwargs.get("tensor_parallel_size", 1)) * \
+            int(self.engine_kwargs.get("pipeline_parallel_size", 1))
+        if self.engine_node_labels and devices > 1:
+            raise ValueError("engine_node_labels: not supported with tensor_parallel_size x "
+                             "pipeline_parallel_size > 1 (the engine's workers get a placement group); place "
+                             "such engines with resources.accelerator_type instead")
         return self
 
     @field_validator("engine_kwargs")

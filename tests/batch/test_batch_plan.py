@@ -84,7 +84,7 @@ class _Engine:
 
 
 @contextlib.contextmanager
-def _local_executor(address):
+def _local_executor(address, spec=None):
     yield pl.LocalExecutor()
 
 

@@ -207,7 +207,7 @@ def test_an_engine_failure_keeps_committed_shards_and_says_how_to_resume(tiny_mo
         raise RuntimeError("engine died\nEngineDeadError: out of memory")
 
     @contextlib.contextmanager
-    def local(address):
+    def local(address, spec=None):
         yield pl.LocalExecutor()
 
     monkeypatch.setattr(runner, "_executor", local)
@@ -341,3 +341,92 @@ def test_shard_writer_commits_each_shard_once_when_its_last_row_arrives(tmp_path
     w2.add({2: [row(9)]})
     records, lost = w2.drain()
     assert records == [] and "another run holds" in lost and w2.pending() == {2: 0}
+
+
+def test_node_labels_place_the_cpu_side_and_the_engine(tmp_path: Path):
+    from runtime.batch.engine import build_processor
+    from runtime.batch.plane import RayExecutor
+
+    spec = _spec(prep_node_labels={"pool": "cpu"}, engine_node_labels={"pool": "in(engine,gpu)"})
+    (stage,) = build_processor(spec, str(tmp_path), None).stages.values()
+    assert stage.map_batches_kwargs["label_selector"] == {"pool": "in(engine,gpu)"}
+    assert "label_selector" not in build_processor(_spec(), str(tmp_path), None).stages["vLLMEngineStage"] \
+        .map_batches_kwargs
+    assert RayExecutor(labels=spec.prep_node_labels).options == {"label_selector": {"pool": "cpu"}}
+    assert RayExecutor().options == {}
+    with pytest.raises(SpecError) as e:
+        _spec(prep_node_labels={"bad key!": "x"})
+    assert "prep_node_labels: not a Ray label selector" in str(e.value)
+    with pytest.raises(SpecError) as e:
+        _spec(engine_node_labels={"pool": "gpu"}, engine_kwargs={"tensor_parallel_size": 2})
+    assert "engine_node_labels: not supported with tensor_parallel_size" in str(e.value)
+
+
+def _row(i: int) -> dict:
+    return {"id": f"r{i}", "output": "o", "error": None, "num_input_tokens": 1, "num_output_tokens": 2}
+
+
+def test_a_restarted_writer_adopts_this_runs_commits_and_never_commits_a_shard_twice(tmp_path: Path):
+    """What Ray's restart of the writer actor gives: the same arguments, an empty memory."""
+    from runtime.batch.plane import ShardWriter
+
+    out = str(tmp_path / "out")
+    args = (out, "jsonl", "run-1", {0: 2, 1: 2, 2: 1})
+    w = ShardWriter(*args)
+    assert not w.was_restarted()  # not a Ray actor: a first start
+    w.add({0: [_row(0), _row(1)], 1: [_row(2)]})
+    (rec0,), _ = w.drain()
+    sh.commit_shard(out, "jsonl", 2, [_row(9)], "run-0")  # another run's record is not this run's
+    again = ShardWriter(*args)
+    again.adopt_commits()  # what __init__ does when Ray restarted the actor
+    assert again.drain() == ([rec0], None)  # the driver hears of shard 0 again (and counts it once)
+    again.add({0: [_row(0), _row(1)]})  # a retried call: shard 0 is committed, so it is dropped
+    assert again.drain() == ([], None) and sh.read_commits(out)[0] == rec0
+    assert again.pending() == {1: 2, 2: 1}  # r2 went with the old writer's memory
+
+
+def test_shards_a_restarted_writer_left_incomplete_run_again_in_one_more_pass(tiny_model: Path, tmp_path: Path,
+                                                                            monkeypatch):
+    """Runner logic only: the first pass commits shard 0 and ends with shard 1 incomplete after a
+    writer restart; the finishing pass runs shard 1 alone. Without a restart it is an error."""
+    import contextlib
+
+    from runtime.batch import plane as pl
+    from runtime.batch import runner
+    from runtime.errors import BatchEngineError
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "prompt": f"p {i}"}) + "\n" for i in range(6)))
+    spec = _spec(model=str(tiny_model), input={"path": str(corpus)},
+                 output={"path": str(tmp_path / "out"), "format": "jsonl"}, rows_per_shard=3)
+    passes: list[list[int]] = []
+
+    def engine(restarted):
+        def run_engine(spec, address, plan, run):
+            passes.append(list(run.shards))
+            writer = pl.ShardWriter(*run.writer_args())
+            writer.adopt_commits()
+            writer.add({i: [{**_row(k), "id": str(k)} for k in range(3 * i, 3 * i + 3)] for i in run.shards
+                        if i == 0 or len(passes) > 1})
+            for rec in writer.drain()[0]:
+                run.on_commit(rec)
+                run.on_commit(rec)  # heard twice (a restarted writer reports its commits again)
+            return {i: n for i, n in writer.pending().items() if n}, restarted
+        return run_engine
+
+    @contextlib.contextmanager
+    def local(address, spec=None):
+        yield pl.LocalExecutor()
+
+    monkeypatch.setattr(runner, "_executor", local)
+    monkeypatch.setattr(runner, "_run_engine", engine(True))
+    result = runner.run_batch(spec)
+    assert result.ok and passes == [[0, 1], [1]] and result.rerun_shards == [1]
+    assert (result.shards_run, result.rows_run, result.rows_out) == (2, 6, 6)
+
+    passes.clear()
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"path": str(tmp_path / "out2")})})
+    monkeypatch.setattr(runner, "_run_engine", engine(False))
+    with pytest.raises(BatchEngineError) as e:
+        runner.run_batch(spec)
+    assert "ended with 1 shards incomplete: shard 1 (3 rows)" in str(e.value) and passes == [[0, 1]]
