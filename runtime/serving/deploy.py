@@ -12,6 +12,7 @@ choose where the proxy listens, so the three cannot drift apart.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -103,10 +104,22 @@ def wait_ready(name: str, timeout_s: float) -> None:
 
 
 def serve_until_interrupted(log, on_exit: Callable[[], None] | None = None) -> float:
-    """Block until Ctrl-C, then run ``on_exit`` and shut Serve down; returns the seconds served
-    (``raylane run`` for the served shapes)."""
+    """Block until Ctrl-C (SIGINT) or SIGTERM, then run ``on_exit`` and shut Serve down; returns
+    the seconds served (``raylane run`` for the served shapes).
+
+    Both signals are caught explicitly: a process started from a background job of a
+    non-interactive shell inherits SIGINT ignored, and SIGTERM is what ``kill``, supervisors and
+    Kubernetes send; either way the apps are deleted rather than left running."""
+    import signal
+
     from ray import serve
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter()
     try:
         while True:
@@ -114,6 +127,8 @@ def serve_until_interrupted(log, on_exit: Callable[[], None] | None = None) -> f
     except KeyboardInterrupt:
         log("interrupted; shutting down")
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if on_exit is not None:
             on_exit()
         serve.shutdown()
