@@ -192,10 +192,11 @@ def test_killed_engine_worker_gives_exactly_one_row_per_id(ray_local, tiny_model
                                  input={"path": str(corpus), "messages_column": "messages"}))
     killed: list[int] = []
     kill_time: list[float] = []
+    finished = threading.Event()  # the killer never outlives this test
 
     def killer():
         deadline = time.time() + 600
-        while time.time() < deadline and not killed:
+        while time.time() < deadline and not killed and not finished.is_set():
             done = len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
             if done >= 1:
                 for pid in _engine_pids():
@@ -207,8 +208,11 @@ def test_killed_engine_worker_gives_exactly_one_row_per_id(ray_local, tiny_model
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    result = run_batch(spec)
-    t.join(timeout=5)
+    try:
+        result = run_batch(spec)
+    finally:
+        finished.set()
+        t.join(timeout=5)
     assert killed, "the engine worker was never killed"
     commits = sh.read_commits(str(out))
     assert len(commits) == 12
@@ -303,16 +307,20 @@ def test_a_killed_then_a_stalled_engine_core_never_hang_the_job(ray_local, tiny_
     corpus.write_text("".join(json.dumps({"id": f"k{i}", "prompt": f"question {i} about ray"}) + "\n"
                               for i in range(n)))
     out = tmp_path / "out"
-    spec = parse_spec(_spec_dict("kill-core", corpus, out, tiny_model, tmp_path, shard_deadline_s=20))
+    # 200 tokens a row: on an idle machine 24 tokens a row finish every row within a second of the
+    # first commit, leaving the saboteur nothing to kill mid-run.
+    spec = parse_spec(_spec_dict("kill-core", corpus, out, tiny_model, tmp_path, shard_deadline_s=20,
+                                 sampling={"max_tokens": 200, "ignore_eos": True}))
     events: dict[str, float] = {}
     stopped: list = []
+    finished = threading.Event()  # the saboteur never outlives this test (it would hit the next one's engines)
 
     def commits_after(t: float) -> int:
         return sum(c.committed_at > t for c in sh.read_commits(str(out)).values()) if (out / "_commits").exists() else 0
 
     def saboteur():
         deadline = time.time() + 500
-        while time.time() < deadline:
+        while time.time() < deadline and not finished.is_set():
             if "kill" not in events and commits_after(0) >= 1:
                 cores = _engine_cores()
                 if cores:
@@ -331,8 +339,11 @@ def test_a_killed_then_a_stalled_engine_core_never_hang_the_job(ray_local, tiny_
 
     t = threading.Thread(target=saboteur, daemon=True)
     t.start()
-    result = run_batch(spec)
-    t.join(timeout=5)
+    try:
+        result = run_batch(spec)
+    finally:
+        finished.set()
+        t.join(timeout=5)
     assert "kill" in events and "stop" in events, f"the saboteur did not get both in: {events}"
     commits = sh.read_commits(str(out))
     assert len(commits) == 10 and any(c.committed_at > events["stop"] for c in commits.values())
