@@ -76,3 +76,12 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
         [sys.executable, "-m", "raylane", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT,
     )
+
+
+def restore_environ(saved: dict[str, str | None]) -> None:
+    """Put back environment variables a fixture changed (``None``: the variable was unset)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

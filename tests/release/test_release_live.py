@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from tests.conftest import restore_environ
 from tests.serve.test_serving_e2e import make_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -62,11 +63,7 @@ def live(tiny_model, tmp_path_factory, storage_root, ray_local):
     yield {"spec": spec, "url": result.url, "registry": registry, "root": str(storage_root), "work": work,
            "faults": faults, "golden": golden, "champion_dir": champion, "tiny": tiny_model}
     serve.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 class Load:

@@ -19,6 +19,8 @@ import jsonschema
 import openai
 import pytest
 
+from tests.conftest import restore_environ
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 KEY, OTHER_KEY, LIMITED_KEY = "sdk-key", "sdk-key-2", "sdk-key-limited"
@@ -65,11 +67,7 @@ def served(tiny_model, storage_root, ray_local):
     result = start_serving(spec, port=0, timeout_s=600)
     yield spec, f"{result.url}/v1"
     serve.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import restore_environ
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 KEY, OTHER_KEY, LIMITED_KEY = "test-key-1", "test-key-2", "test-key-limited"
@@ -66,11 +68,7 @@ def served(tiny_model, tmp_path_factory, storage_root, ray_local):
     yield spec, result, client
     client.close()
     serve.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 def auth(key=KEY):
