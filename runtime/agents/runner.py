@@ -134,14 +134,13 @@ def _index_info(spec) -> dict[str, Any] | None:
     return {**(read_manifest(index_uri(spec)) or {}), "uri": index_uri(spec)}
 
 
-def stop_agent(result: AgentServeResult) -> None:
-    """Delete the apps and the session actors (sessions stay in the store)."""
-    from ray import serve
+def stop_agent(*results: AgentServeResult) -> None:
+    """Delete the apps and the session actors of one or more served agents (sessions stay in the
+    store). All apps go in one request, so Serve drains their replicas at once."""
+    from ray.serve.context import _get_global_client
 
-    for name in reversed(result.apps):
-        serve.delete(name)
-    for name in result.actors:
-        close_and_kill(name)
+    _get_global_client().delete_apps([name for r in results for name in reversed(r.apps)], blocking=True)
+    close_and_kill(*(name for r in results for name in r.actors))
 
 
 def run_agent(spec, *, address: str | None = None, port: int | None = None, block: bool = True,

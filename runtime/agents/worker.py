@@ -395,25 +395,27 @@ class SessionRouter:
 
     def kill_actors(self) -> None:
         """Remove this app's detached actors (``raylane run`` does it on exit)."""
-        for name in self.names:
-            close_and_kill(name)
+        close_and_kill(*self.names)
         self._handles.clear()
 
 
-def close_and_kill(name: str, timeout_s: float = 15) -> None:
-    """Kill a session actor, closing its MCP connections first (its stdio servers would also
-    exit when it dies: their stdin closes)."""
+def close_and_kill(*names: str, timeout_s: float = 15) -> None:
+    """Kill session actors, closing their MCP connections first (their stdio servers would also
+    exit when they die: their stdin closes). All close at once; a dead or stuck one (no answer
+    within ``timeout_s``) is killed all the same."""
     import ray
 
-    try:
-        actor = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:  # never created, or already gone
-        return
-    try:
-        ray.get(actor.close.remote(), timeout=timeout_s)
-    except Exception:  # noqa: BLE001, S110 - a dead or stuck actor is killed all the same
-        pass
-    ray.kill(actor, no_restart=True)
+    actors = []
+    for name in names:
+        try:
+            actors.append(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:  # never created, or already gone
+            pass
+    closing = [a.close.remote() for a in actors]
+    if closing:
+        ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
 
 
 def _actor_identity() -> tuple[str | None, str]:

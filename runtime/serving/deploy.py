@@ -112,8 +112,6 @@ def serve_until_interrupted(log, on_exit: Callable[[], None] | None = None) -> f
     Kubernetes send; either way the apps are deleted rather than left running."""
     import signal
 
-    from ray import serve
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -131,6 +129,8 @@ def serve_until_interrupted(log, on_exit: Callable[[], None] | None = None) -> f
             signal.signal(sig, handler)
         if on_exit is not None:
             on_exit()
+        from ray import serve
+
         serve.shutdown()
     return round(time.perf_counter() - t0, 1)
 

@@ -76,8 +76,7 @@ def agents(vllm_url, storage_root, redis_url, ray_local):
     client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     yield specs, results, client
     client.close()
-    for k, r in results.items():
-        stop_agent(r)
+    stop_agent(*results.values())
     serve.shutdown()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

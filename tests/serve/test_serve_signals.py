@@ -12,8 +12,12 @@ import pytest
 
 from tests.conftest import ROOT
 
+# Ray Serve is imported before "serving" is printed: on a loaded machine its import takes seconds,
+# and a signal sent then would meet the inherited SIG_IGN (a real `raylane run` has imported it long
+# before it waits).
 SERVER = """
 import sys
+from ray import serve
 from runtime.serving.deploy import serve_until_interrupted
 print("serving", flush=True)
 serve_until_interrupted(lambda msg: print(msg, flush=True), on_exit=lambda: print("on_exit ran", flush=True))
