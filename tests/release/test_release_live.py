@@ -107,13 +107,16 @@ class Load:
             c.close()
 
 
-def rollout(live, candidate_dir, **checks):
+def rollout(live, candidate_dir, kill_at_step: int | None = None, **checks):
     """Register ``candidate_dir`` as a new version, start a rollout of it with the quality probe
-    and its controller while the load runs; the finished state and the load's record."""
+    and its controller while the load runs; the finished state and the load's record.
+    ``kill_at_step``: once the rollout reached that step (0-based), kill the controller actor for
+    good (``no_restart``: the replicas' supervisor must start a new one); ``live["kill"]`` then
+    holds the state at the kill and the seconds from the kill to the next decision."""
     import ray
 
     from runtime import release
-    from runtime.release.controller import start_controller, wait_done
+    from runtime.release.controller import NAMESPACE, actor_name, start_controller, wait_done
     from runtime.specs.serving import RolloutSpec
 
     reg, spec = live["registry"], live["spec"]
@@ -129,13 +132,46 @@ def rollout(live, candidate_dir, **checks):
         time.sleep(1)
         st = release.rollout_start(spec, candidate=f"models:/rel-bot/{version}")
         controller = start_controller(spec.name, live["root"])
+        if kill_at_step is not None:
+            live["kill"] = kill_controller(live, spec.name, controller, kill_at_step)
         done = wait_done(spec.name, live["root"], timeout_s=150)
         time.sleep(1)
-    # the state is saved before the registry moves: the controller's last turn writes the tags
+    # the state is saved before the registry moves: the controller's last turn writes the tags;
+    # looked up by name (after a kill, the handle above is the dead actor's)
     deadline = time.monotonic() + 30
-    while ray.get(controller.info.remote())["running"] and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        try:
+            running = ray.get(ray.get_actor(actor_name(spec.name), namespace=NAMESPACE).info.remote())["running"]
+        except ValueError:  # no controller at all: nothing is writing
+            break
+        if not running:
+            break
         time.sleep(0.3)
     return done, load, version, time.monotonic() - t0, st
+
+
+def kill_controller(live, name: str, handle, step: int) -> dict:
+    """Wait for the rollout to reach ``step``, kill its controller so Ray does not restart it, and
+    wait for the next decision (made by the controller a replica's supervisor starts)."""
+    import ray
+
+    from runtime import release
+
+    deadline = time.monotonic() + 90
+    at = release.rollout_status(name, live["root"])
+    while at.step < step and not at.done and time.monotonic() < deadline:
+        time.sleep(0.1)
+        at = release.rollout_status(name, live["root"])
+    assert at.step >= step and not at.done, at.reason
+    ray.kill(handle, no_restart=True)
+    killed = time.monotonic()
+    at = release.rollout_status(name, live["root"])  # the state at the kill (a decision may have just landed)
+    while time.monotonic() < deadline + 60:
+        now = release.rollout_status(name, live["root"])
+        if len(now.history) > len(at.history):
+            return {"at": at, "next_decision_s": time.monotonic() - killed}
+        time.sleep(0.1)
+    raise AssertionError(f"no decision within {time.monotonic() - killed:.0f}s of killing the controller")
 
 
 def assert_record_complete(live, done, version):
@@ -181,10 +217,17 @@ def assert_sticky(done, load):
 
 
 @pytest.mark.timeout(300)
-def test_good_adapter_walks_every_step_and_is_promoted(live):
+def test_good_adapter_walks_every_step_and_is_promoted_through_a_controller_kill(live):
     reg = live["registry"]
-    done, load, version, took, _ = rollout(live, live["champion_dir"])
+    done, load, version, took, _ = rollout(live, live["champion_dir"], kill_at_step=1)
     assert done.state == "promoted", done.reason
+    # the killed controller's successor went on from the saved step: nothing repeated or skipped,
+    # the decisions before the kill kept as they were
+    kill = live.pop("kill")
+    assert done.history[:len(kill["at"].history)] == kill["at"].history
+    steps = [h["step"] for h in done.history]
+    assert steps == sorted(steps) and set(steps) == {0, 1, 2}
+    assert kill["at"].step in (1, 2)
     assert load.failed == [], load.failed[:3]
     recorded = assert_record_complete(live, done, version)
     assert [(h["step"], h["verdict"]) for h in recorded] == [(0, "advance"), (1, "advance"), (2, "promote")]
@@ -192,7 +235,8 @@ def test_good_adapter_walks_every_step_and_is_promoted(live):
     assert (reg.alias("rel-bot", "champion").version, reg.alias("rel-bot", "previous").version) == (version, 1)
     assert {"champion", "candidate"} <= {arm for *_, arm, _ in load.served}
     assert assert_sticky(done, load) > 0
-    print(f"good rollout: {took:.1f}s, {len(load.served)} requests, 0 failed, {len(done.history)} decisions")
+    print(f"good rollout: {took:.1f}s, {len(load.served)} requests, 0 failed, {len(done.history)} decisions; "
+          f"controller killed at step {kill['at'].step + 1}, next decision {kill['next_decision_s']:.1f}s later")
 
 
 @pytest.mark.timeout(300)
