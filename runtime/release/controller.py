@@ -156,13 +156,19 @@ def start_controller(name: str, storage_root: str):
         raise RaylaneError(f"rollout {name!r} is {state.state}; there is nothing to control")
     if not ray.is_initialized():
         raise RaylaneError("no Ray cluster connected", hint="ray.init(address=...) or runtime.init_ray(address)")
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from runtime.serving.keys import replica_key_env
 
     # The quality probe is a client of the app: it finds an API key the way replicas do (only a
     # file path ever travels, never a key value).
+    # Started by a serving replica (runtime.release.supervisor), it would land in that replica's
+    # engine placement group (Serve's captures child tasks) and die with it when the replica is
+    # replaced (a champion redeploy, a scale-down): placement_group=None keeps it out.
     actor = ray.remote(RolloutController).options(
         name=actor_name(name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, num_cpus=0, runtime_env={"env_vars": replica_key_env()})
+        max_restarts=-1, num_cpus=0, runtime_env={"env_vars": replica_key_env()},
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     handle = actor.remote(name, storage_root)
     ray.get(handle.ensure_running.remote())  # started, or already running (an earlier rollout's: going again)
     return handle

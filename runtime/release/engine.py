@@ -82,7 +82,8 @@ class ServeApps:
         from runtime.serving.app import build_app
 
         app = build_app(candidate_spec(state))
-        serve.run(app, name=state.candidate_app, route_prefix=None, blocking=False)
+        # Not serve.run: it waits for RUNNING even with blocking=False; the state's turns wait instead.
+        serve._run(app, name=state.candidate_app, route_prefix=None, _blocking=False)
         return app._bound_deployment.name
 
     def redeploy_champion(self, state: RolloutState) -> None:
@@ -92,7 +93,7 @@ class ServeApps:
 
         # Surge: the new replica starts before an old one stops, so the app never has none.
         app = build_app(champion_spec(state), deployment_config={"max_surge_percent": 100})
-        serve.run(app, name=state.app, route_prefix="/", blocking=False)
+        serve._run(app, name=state.app, route_prefix="/", _blocking=False)
 
     def delete(self, app: str) -> None:
         from ray import serve
