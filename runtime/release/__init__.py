@@ -62,8 +62,14 @@ def rollout_start(spec: str | Path | dict[str, Any] | Any, candidate: str | None
             raise RaylaneError(f"rollout {spec.name!r} is already progressing (step {running.step + 1}, "
                                f"candidate {running.candidate} at {running.weight:g}%)",
                                hint=f"`raylane rollout abort {spec.name}` ends it first")
+    # A base-model candidate gets an app of its own, which the controller builds from this spec
+    # (dumped: a spec never holds key values, only where keys are).
+    from runtime.specs import dump_spec
+
+    serve_spec = dump_spec(spec.model_copy(update={"rollout": None})) if rollout.adapter is None else None
     state = RolloutState.start(name=spec.name, app=spec.name, model_id=model_id, champion=champion,
-                               candidate=chosen, config=rollout.model_dump(mode="json"), now=now)
+                               candidate=chosen, config=rollout.model_dump(mode="json"), now=now,
+                               serve_spec=serve_spec)
     store.save(state)
     return state
 

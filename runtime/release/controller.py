@@ -40,6 +40,8 @@ class RolloutController:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._again = False
+        self._serve = None  # runtime.release.engine.ServeApps, made in the loop's thread
+        self._finished: str | None = None  # the rollout whose registry side this controller finished
         self._thread = threading.Thread(target=self._loop, name=f"rollout-{name}", daemon=True)
         self._thread.start()
 
@@ -54,11 +56,22 @@ class RolloutController:
                 state = rollout_status(self.name, self.storage_root)
                 interval = float(state.config.get("interval_s", 30.0))
                 if state.done:
-                    finish(state, self.storage_root)  # a predecessor may have died before the registry moved
+                    if self._finished != state.rollout_id:  # a predecessor may have died before the registry moved
+                        finish(state, self.storage_root)
+                        self._finished = state.rollout_id
+                    if state.base and state.engine != "deleted":  # the candidate's engine still to wind down
+                        self._engine(state)
+                        interval = min(interval, 2.0)
+                        self._stop.wait(interval)
+                        continue
                     with self._lock:
                         if not self._again:
                             return
                         self._again = False
+                    continue
+                if not state.live:  # a base rollout whose candidate engine is not running yet
+                    self._engine(state)
+                    self._stop.wait(min(interval, 2.0))
                     continue
                 windows = read_windows(self.storage_root, state.app, state.rollout_id, state.step)
                 windows = self._with_quality(state, windows)
@@ -70,6 +83,29 @@ class RolloutController:
                 log.warning("rollout %s: %s", self.name, self.error)
                 interval = min(interval, 5.0)
             self._stop.wait(interval)
+
+    def _engine(self, state) -> None:
+        """One step of a base rollout's candidate engine (``runtime.release.engine``), saved before
+        the next turn reads it; a rollout it rolls back gets its registry record."""
+        from runtime.release import finish
+        from runtime.release.engine import ServeApps, engine_turn
+        from runtime.release.state import RolloutStore
+
+        if self._serve is None:
+            self._serve = ServeApps()
+        new = engine_turn(state, self._serve)
+        if new is None:
+            return
+        store = RolloutStore(self.storage_root)
+        current = store.get(self.name)
+        if current is None or current.rollout_id != state.rollout_id:
+            return  # a new rollout replaced it meanwhile
+        if current.done and not state.done:  # aborted meanwhile: the abort wins; wind down next turn
+            return
+        store.save(new)
+        if new.done and not state.done:
+            finish(new, self.storage_root)
+            self._finished = new.rollout_id
 
     def _with_quality(self, state, windows: dict) -> dict:
         """``windows`` with the step's quality probe scores (none configured: as they are)."""
@@ -116,17 +152,23 @@ def start_controller(name: str, storage_root: str):
     from runtime.release import rollout_status
 
     state = rollout_status(name, storage_root)
-    if state.done:
+    if state.done and not (state.base and state.engine != "deleted"):
         raise RaylaneError(f"rollout {name!r} is {state.state}; there is nothing to control")
     if not ray.is_initialized():
         raise RaylaneError("no Ray cluster connected", hint="ray.init(address=...) or runtime.init_ray(address)")
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from runtime.serving.keys import replica_key_env
 
     # The quality probe is a client of the app: it finds an API key the way replicas do (only a
     # file path ever travels, never a key value).
+    # Started by a serving replica (runtime.release.supervisor), it would land in that replica's
+    # engine placement group (Serve's captures child tasks) and die with it when the replica is
+    # replaced (a champion redeploy, a scale-down): placement_group=None keeps it out.
     actor = ray.remote(RolloutController).options(
         name=actor_name(name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, num_cpus=0, runtime_env={"env_vars": replica_key_env()})
+        max_restarts=-1, num_cpus=0, runtime_env={"env_vars": replica_key_env()},
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     handle = actor.remote(name, storage_root)
     ray.get(handle.ensure_running.remote())  # started, or already running (an earlier rollout's: going again)
     return handle

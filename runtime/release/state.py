@@ -28,6 +28,11 @@ from runtime.release.decide import ArmWindow, Decision
 State = Literal["progressing", "promoted", "rolled_back", "aborted"]
 FINAL: tuple[State, ...] = ("promoted", "rolled_back", "aborted")
 SCHEMA = 1
+# A base-model rollout's candidate engine (the Serve app ``<app>-candidate``), in order:
+# starting -> running (live: the router forwards the candidate arm to it) -> on promotion
+# redeploying (the champion app restarts on the new version; the stable id still goes to the
+# candidate) -> handed_over (the champion app runs it) -> deleted; a rollback or abort: -> deleted.
+ENGINE = ("starting", "running", "redeploying", "handed_over", "deleted")
 
 
 @dataclass(frozen=True)
@@ -56,15 +61,54 @@ class RolloutState:
     # The quality probe's secret: a request carrying it may pin its arm (``runtime.serving.canary``).
     # Only the state file (the storage root) has it; status, history and tags never show it.
     probe_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    # Base-model rollouts (``rollout.adapter: null``) only: the serving app's spec (dumped; spec
+    # files never hold keys), from which the controller builds the candidate's own app and, on
+    # promotion, redeploys the champion app; and where that candidate engine is (``ENGINE``).
+    serve_spec: dict[str, Any] | None = None
+    engine: str = ""
+    engine_since: float = 0.0
+    engine_deployment: str = ""
 
     @classmethod
     def start(cls, *, name: str, app: str, model_id: str, champion: str, candidate: str, config: dict,
-              now: float | None = None) -> RolloutState:
+              now: float | None = None, serve_spec: dict[str, Any] | None = None) -> RolloutState:
         now = time.time() if now is None else now
         steps = [float(s) for s in config["steps"]]
+        reason = f"started: step 1/{len(steps)}, candidate {candidate} at {steps[0]:g}%"
+        if serve_spec is not None:
+            reason = f"started: candidate engine starting (app {app}-candidate, {candidate}); then step 1/{len(steps)}"
         return cls(name=name, app=app, model_id=model_id, champion=champion, candidate=candidate, steps=steps,
                    config=config, weight=steps[0], started_at=now, step_started_at=now, updated_at=now,
-                   reason=f"started: step 1/{len(steps)}, candidate {candidate} at {steps[0]:g}%")
+                   reason=reason, serve_spec=serve_spec, engine="starting" if serve_spec is not None else "",
+                   engine_since=now if serve_spec is not None else 0.0)
+
+    @property
+    def base(self) -> bool:
+        """A base-model rollout: the candidate is served by an app of its own."""
+        return self.serve_spec is not None
+
+    @property
+    def candidate_app(self) -> str:
+        return f"{self.app}-candidate"
+
+    @property
+    def live(self) -> bool:
+        """The candidate can take traffic: always for an adapter, once its engine runs for the base model."""
+        return not self.base or self.engine == "running"
+
+    def engine_step(self, engine: str, note: str, now: float | None = None, **changes: Any) -> RolloutState:
+        """The state with the candidate engine at ``engine`` (recorded in the history and the reason).
+        ``running`` while progressing starts the current step's clock: the step begins when traffic can."""
+        if engine not in ENGINE:
+            raise ValueError(f"unknown candidate engine state {engine!r}")
+        now = time.time() if now is None else now
+        record = {"at": now, "step": self.step, "weight": self.weight, "verdict": "engine", "engine": engine,
+                  "reason": note}
+        if engine == "running" and not self.done:
+            changes["step_started_at"] = now
+        reason = note if not self.done else f"{self.reason}; {note}"
+        return replace(self, engine=engine, engine_since=now, updated_at=now, reason=reason,
+                       history=[*self.history, record], **changes)
 
     @property
     def done(self) -> bool:
@@ -116,7 +160,8 @@ class RolloutState:
         return {"name": self.name, "state": self.state, "step": self.step + 1, "steps": self.steps,
                 "weight": self.weight, "model_id": self.model_id, "champion": self.champion,
                 "candidate": self.candidate, "failures": self.failures, "reason": self.reason,
-                "arms": self.arms, "decisions": len(self.history), "updated_at": self.updated_at}
+                "arms": self.arms, "decisions": len(self.history), "updated_at": self.updated_at,
+                **({"candidate_app": self.candidate_app, "engine": self.engine} if self.base else {})}
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}

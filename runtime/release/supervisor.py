@@ -23,7 +23,11 @@ CHECK_S = 5.0
 
 
 def needs_controller(state: RolloutState | None) -> bool:
-    return state is not None and not state.done and state.config.get("controller", "cluster") == "cluster"
+    """A progressing rollout, or a finished base-model one whose candidate engine is not wound
+    down yet (its app to delete, or the champion app to hand over to)."""
+    if state is None or state.config.get("controller", "cluster") != "cluster":
+        return False
+    return not state.done or (state.base and state.engine != "deleted")
 
 
 def ensure_controller(name: str, storage_root: str) -> bool:

@@ -146,6 +146,9 @@ class RaylaneLLMServer(LLMServer):
         self._served = RequestLimits.from_spec(self._spec).served
         self._resolver = AdapterResolver(adapters, storage_root) if adapters else None
         self._storage_root = storage_root
+        # Rollouts run on this app when it serves an adapter or a base model from a registry alias.
+        self._releases = bool(adapters) or _is_alias(self._spec.model)
+        self._built_app = None
         self._lora_lock = asyncio.Lock()
         if self._resolver:
             kwargs["model_downloader"] = functools.partial(AdapterLoader, self._resolver)
@@ -155,21 +158,67 @@ class RaylaneLLMServer(LLMServer):
         await super().__init__(llm_config, **kwargs)
         if store_ready is not None:
             await store_ready
-        if self._resolver is not None:  # adapter rollouts: their controller runs on this cluster
+        if self._releases and storage_root:  # rollouts: their controller runs on this cluster
             from runtime.release.supervisor import supervise
 
             self._supervisor = asyncio.ensure_future(supervise(self._spec.name, storage_root))
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
-        if self._resolver is not None:  # adapter rollouts: inside the guard, so after auth and validation
+        if self._releases and self._storage_root:  # rollouts: inside the guard, so after auth and validation
             _add_middleware_to_built_app(
                 app, canary.CanaryRouter, watch=canary.RolloutWatch(self._storage_root, self._spec.name),
-                recorder=canary.ArmRecorder(self._storage_root, self._spec.name), ensure=self._ensure_adapter)
+                recorder=canary.ArmRecorder(self._storage_root, self._spec.name),
+                ensure=self._ensure_adapter if self._resolver is not None else None)
         # Added last, so outermost: auth and rate limit run before anything parses the body.
         _add_middleware_to_built_app(app, RaylaneGuard, spec=self._spec, prepare=self._prepare_request,
                                      unavailable=self._engine_dead, limiter=self._limiter)
+        self._built_app = app
         return app
+
+    async def forward_asgi(self, scope: dict, body: bytes):
+        """A request forwarded by another app's replica through a deployment handle (a base-model
+        rollout's candidate arm, ``runtime.serving.canary``): the ASGI messages of serving it here,
+        below this app's guard (the forwarding replica's guard authenticated, rate limited and
+        validated it). Only a handle can call this: it is no HTTP route."""
+        import asyncio
+
+        if self._built_app is None:
+            raise RuntimeError("this replica's app is not built yet")
+        queue: asyncio.Queue = asyncio.Queue()
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # no disconnect: the caller ends by dropping the stream
+
+        async def send(message):
+            await queue.put(dict(message))
+
+        scope = {**scope, "headers": [(bytes(k), bytes(v)) for k, v in scope.get("headers", [])],
+                 FORWARDED: FORWARDED_MARK, "state": {}}
+        task = asyncio.ensure_future(self._built_app(scope, receive, send))
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    message = get.result()
+                    yield message
+                    if message["type"] == "http.response.body" and not message.get("more_body", False):
+                        return
+                else:
+                    get.cancel()
+                    while not queue.empty():
+                        yield queue.get_nowait()
+                    task.result()  # raises what the app raised
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
 
     def _engine_dead(self) -> bool:
         """vLLM's engine process is gone (OOM kill, crash) or stalled: this replica can only fail
@@ -258,9 +307,28 @@ class RaylaneLLMServer(LLMServer):
         return {WAITING: float(s.waiting), RUNNING: float(s.running), KV_USAGE: float(s.kv_usage)}
 
 
+# A request ``forward_asgi`` runs carries this object under this scope key; only code in this
+# process can put it there (an ASGI scope is not something a client sends), so the guard passes
+# exactly the requests another replica's guard has checked already.
+FORWARDED = "raylane.forwarded"
+FORWARDED_MARK = object()
+
+
+def _is_alias(model: str) -> bool:
+    from runtime.registry import REF_RE
+
+    m = REF_RE.match(model or "")
+    return bool(m and m["alias"])
+
+
 class RaylaneGuard(GuardMiddleware):
     """``GuardMiddleware`` configured from an ``OnlineInferenceSpec``; built inside the replica,
     so keys are read from that process's environment or keys file, never shipped in config."""
+
+    async def __call__(self, scope, receive, send):
+        if scope.get(FORWARDED) is FORWARDED_MARK:
+            return await self.app(scope, receive, send)
+        return await super().__call__(scope, receive, send)
 
     def __init__(self, app, spec, prepare=None, unavailable=None, limiter=None):
         super().__init__(
@@ -303,8 +371,9 @@ def check_tool_parser(spec, model_source: str) -> None:
                            hint="use the tool-call parser of the model's family (see its model card)") from None
 
 
-def build_app(spec):
-    """The Serve application for ``spec`` (an ``OnlineInferenceSpec``)."""
+def build_app(spec, deployment_config: dict[str, Any] | None = None):
+    """The Serve application for ``spec`` (an ``OnlineInferenceSpec``); ``deployment_config``
+    overrides Serve deployment options (a rollout's champion redeploy surges)."""
     if spec.auth == "api-key":
         load_api_keys()  # refuse to start before loading any model
         for warning in key_source_warnings():
@@ -321,10 +390,14 @@ def build_app(spec):
         options["runtime_env"]["env_vars"].update(replica_key_env())
     if os.environ.get(canary.FAULTS_ENV):  # test-only fault injection (see runtime.serving.canary)
         options["runtime_env"]["env_vars"][canary.FAULTS_ENV] = os.environ[canary.FAULTS_ENV]
+    if deployment_config:
+        options["deployment_config"].update(deployment_config)
     llm = LLMConfig(**options)
     bind = {"spec": dump_spec(spec)}
     if spec.adapters:
         bind.update(adapters=dict(spec.adapters), storage_root=spec.storage.root)
+    elif _is_alias(spec.model):  # a base-model rollout may run on it
+        bind.update(storage_root=spec.storage.root)
     # The engine replica is the ingress (ray.serve.llm's direct streaming, whose late-bound ASGI
     # app is vLLM's). No ingress request router and Serve's default replica router: HAProxy
     # balances over the replicas with its own algorithm, and every replica can load any adapter.

@@ -22,7 +22,12 @@ limited already), added in one place: ``RaylaneLLMServer.__serve_build_asgi_app_
   arm waits that long before it is served (re-read with the state). Unset (always, in production),
   nothing is read.
 
-Only adapter rollouts are routed: a base-model candidate needs an engine of its own.
+- A base-model rollout (``rollout.adapter: null``): the candidate runs in a Serve app of its own
+  (``runtime.release.engine``), so a candidate request is forwarded, as it is (the model id is
+  the same on both arms), through a deployment handle to that app's ``forward_asgi``, which runs
+  it below its own guard (this replica's guard already checked it) and streams the ASGI messages
+  back. Nothing goes there before the rollout state says the engine runs; after a promotion every
+  request of the stable id goes there until the champion app runs the new version itself.
 """
 
 from __future__ import annotations
@@ -92,9 +97,49 @@ class RolloutWatch:
                 log.warning("rollout %s: cannot read its state (%s); keeping the last one", self.app, e)
             self._faults = _read_faults()
         s = self._state
+        if s is not None and s.base:
+            return s if s.state == "progressing" or forwarding_all(s) else None
         if s is not None and s.state == "promoted" and time.time() - s.updated_at < PROMOTED_GRACE_S:
             return s  # the candidate keeps all traffic until every replica's alias cache has moved on
         return s if s is not None and s.state == "progressing" else None
+
+
+def forwarding_all(state: RolloutState) -> bool:
+    """A promoted base-model rollout whose champion app does not run the new version yet: every
+    request of the stable id goes to the candidate app."""
+    return state.base and state.state == "promoted" and state.engine in ("running", "redeploying")
+
+
+# The ASGI scope keys a forwarded request carries: plain values, picklable.
+FORWARDED_SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string",
+                        "root_path", "headers", "client", "server")
+
+
+def plain_scope(scope) -> dict:
+    out = {k: scope[k] for k in FORWARDED_SCOPE_KEYS if k in scope}
+    out["headers"] = [(bytes(k), bytes(v)) for k, v in out.get("headers", [])]
+    for k in ("client", "server"):
+        if out.get(k) is not None:
+            out[k] = tuple(out[k])
+    return out
+
+
+def handle_forwarder():
+    """``forward(state, scope, body)``: the ASGI messages of the candidate app serving the request,
+    through a streaming deployment handle to its ``forward_asgi`` (one handle per app kept)."""
+    handles: dict[tuple[str, str], object] = {}
+
+    async def forward(state: RolloutState, scope: dict, body: bytes):
+        from ray import serve
+
+        key = (state.candidate_app, state.engine_deployment)
+        if key not in handles:
+            handles[key] = serve.get_deployment_handle(state.engine_deployment, app_name=state.candidate_app) \
+                .options(stream=True)
+        async for message in handles[key].forward_asgi.remote(scope, body):
+            yield message
+
+    return forward
 
 
 def _read_faults() -> dict:
@@ -133,8 +178,9 @@ class CanaryRouter:
 
     def __init__(self, app, *, watch: RolloutWatch, recorder: ArmRecorder,
                  ensure: Callable[[str], Awaitable[None]] | None = None, flush_s: float = FLUSH_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, forward=None):
         self.app, self.watch, self.recorder, self.ensure = app, watch, recorder, ensure
+        self.forward = forward  # base-model rollouts: handle_forwarder() (made on first use)
         self.flush_s, self.clock = flush_s, clock
         self._flushed = clock()
         self._flushing: asyncio.Task | None = None
@@ -152,6 +198,8 @@ class CanaryRouter:
             parsed = None
         if not isinstance(parsed, dict) or parsed.get("model") != state.model_id:
             return await self.app(scope, replay_body(body, receive), send)
+        if state.base:
+            return await self._base(scope, receive, send, state, body, parsed)
         pinned = pinned_arm(scope, state)
         arm = pinned or choose_arm(client_id(scope, parsed), state.rollout_id, state.step, state.weight)
         version = state.champion
@@ -165,7 +213,31 @@ class CanaryRouter:
             scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
         await self._serve(scope, replay_body(body, receive), send, state, arm, version, probe=pinned is not None)
 
-    async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str, probe: bool = False):
+    async def _base(self, scope, receive, send, state: RolloutState, body: bytes, parsed: dict):
+        """A base-model rollout: the candidate arm is the candidate app, reached by a handle."""
+        if not state.live and not forwarding_all(state):  # its engine is not running: no rollout yet
+            return await self.app(scope, replay_body(body, receive), send)
+        if forwarding_all(state):
+            arm, pinned = "candidate", None  # promoted: the new champion serves from there until the handover
+        else:
+            pinned = pinned_arm(scope, state)
+            arm = pinned or choose_arm(client_id(scope, parsed), state.rollout_id, state.step, state.weight)
+        if arm == "champion":
+            return await self._serve(scope, replay_body(body, receive), send, state, arm, state.champion,
+                                     probe=pinned is not None)
+        if self.forward is None:
+            self.forward = handle_forwarder()
+        forward = self.forward
+
+        async def candidate_app(scope, receive, send):
+            async for message in forward(state, plain_scope(scope), body):
+                await send(message)
+
+        await self._serve(scope, replay_body(body, receive), send, state, arm, state.candidate,
+                          probe=pinned is not None or forwarding_all(state), app=candidate_app)
+
+    async def _serve(self, scope, receive, send, state: RolloutState, arm: str, version: str, probe: bool = False,
+                     app=None):
         start = self.clock()
         if not probe and self.watch.delay_s(arm):
             await asyncio.sleep(self.watch.delay_s(arm))
@@ -178,19 +250,19 @@ class CanaryRouter:
         async def tagged_send(message):
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", [])
-                           if arm == "champion" or k.lower() != b"content-length"]  # the body shrinks
+                headers = [(k, v) for k, v in message.get("headers", [])  # an adapter candidate's body shrinks
+                           if arm == "champion" or state.base or k.lower() != b"content-length"]
                 message = dict(message, headers=[*headers, (VERSION_HEADER, version.encode()),
                                                  (ARM_HEADER, arm.encode())])
             elif message["type"] == "http.response.body":
                 if seen["ttft"] is None and message.get("body"):
                     seen["ttft"] = self.clock() - start
-                if arm == "candidate" and internal in message.get("body", b""):
+                if arm == "candidate" and not state.base and internal in message.get("body", b""):
                     message = dict(message, body=message["body"].replace(internal, stable))
             await send(message)
 
         try:
-            await self.app(scope, receive, tagged_send)
+            await (app or self.app)(scope, receive, tagged_send)
         finally:
             if not probe:  # the probe's requests are not live traffic
                 self.recorder.record(state.rollout_id, state.step, arm, ok=seen["status"] < 500,

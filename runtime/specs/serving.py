@@ -171,8 +171,9 @@ class RolloutSpec(StrictModel):
     checks pass; then the candidate is promoted (registry alias champion), else rolled back."""
 
     adapter: str | None = Field(
-        None, description="Key in 'adapters' whose version is released. Required: the canary router routes "
-        "adapters only (a base-model candidate needs an engine of its own), so null is refused.",
+        None, description="Key in 'adapters' whose version is released; null = the base model (then 'model' "
+        "must be a registry alias, models:/NAME@champion): the candidate gets a Serve app and engine of its own "
+        "for the rollout (twice the engine memory meanwhile) and the champion app restarts on promotion.",
     )
     candidate: str | None = Field(
         None,
@@ -200,6 +201,10 @@ class RolloutSpec(StrictModel):
         "waits up to max_hold_s more, then rolls back; 'fail' rolls back at once.",
     )
     max_hold_s: float = Field(3600.0, ge=0, description="Longest a step is held for traffic (on_low_traffic: hold).")
+    candidate_start_timeout_s: float = Field(
+        900.0, gt=0, description="Base-model rollouts (adapter: null): seconds the candidate's own engine (the Serve "
+        "app <app>-candidate) may take to be RUNNING; past it, or when it fails to deploy, the rollout is rolled back.",
+    )
     controller: Literal["cluster", "manual"] = Field(
         "cluster",
         description="Who decides the steps: 'cluster' = the serving app's replicas start the rollout's controller "
@@ -285,7 +290,7 @@ class OnlineInferenceSpec(SpecBase):
     )
     rollout: RolloutSpec | None = Field(
         None, description="Canary release settings for `raylane rollout start` and a FineTune's release: "
-        "(see README: Release); null = the defaults, which name no adapter: `rollout start` then refuses.",
+        "(see README: Release); null = the defaults (the base model released, from models:/NAME@challenger).",
     )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy: `raylane run` and the "
                       "rendered Serve config / RayService.")
@@ -341,22 +346,23 @@ def rollout_problems(spec: OnlineInferenceSpec, rollout: RolloutSpec) -> list[st
     """What keeps ``rollout`` from running on ``spec``: each problem names the field and the fix."""
     from runtime.registry import REF_RE
 
-    if rollout.adapter is None:
-        known = ", ".join(spec.adapters)
-        fix = f"name the adapter to release (rollout.adapter: one of {known})" if known else \
-            "serve the model to release as an adapter (adapters: {NAME: models:/NAME@champion}) and name it"
-        return [f"rollout.adapter: null would release the base model, which the canary router cannot route "
-                f"(a base-model candidate needs an engine of its own); {fix}, or move the base model's alias "
-                "with `raylane registry promote`"]
-    if rollout.adapter not in spec.adapters:
-        known = ", ".join(spec.adapters) or "none declared"
-        return [f"rollout.adapter: {rollout.adapter!r} is not a key of 'adapters' ({known}); name one"]
-    field = f"adapters.{rollout.adapter}"
-    ref = spec.adapters[rollout.adapter]
-    champion = REF_RE.match(ref)
-    if not champion or not champion["alias"]:
-        return [f"rollout: {field} is {ref!r}; a release moves a registry alias, so {field} must be one, "
-                f"e.g. 'models:/NAME@champion'"]
+    if rollout.adapter is None:  # the base model: its candidate gets an engine of its own
+        field, ref = "model", spec.model
+        champion = REF_RE.match(ref)
+        if not champion or not champion["alias"]:
+            return [f"rollout.adapter: null releases the base model, so 'model' must be a registry alias "
+                    f"(e.g. 'models:/NAME@champion'), not {ref!r}: a release moves that alias; register the "
+                    "model and serve its alias, or name the adapter to release (rollout.adapter)"]
+    else:
+        if rollout.adapter not in spec.adapters:
+            known = ", ".join(spec.adapters) or "none declared"
+            return [f"rollout.adapter: {rollout.adapter!r} is not a key of 'adapters' ({known}); name one"]
+        field = f"adapters.{rollout.adapter}"
+        ref = spec.adapters[rollout.adapter]
+        champion = REF_RE.match(ref)
+        if not champion or not champion["alias"]:
+            return [f"rollout: {field} is {ref!r}; a release moves a registry alias, so {field} must be one, "
+                    f"e.g. 'models:/NAME@champion'"]
     if rollout.candidate is not None:
         candidate = REF_RE.match(rollout.candidate)
         if not candidate:

@@ -229,6 +229,12 @@ class ReleaseSpec(StrictModel):
         serving = {k: m["name"] for k, ref in app.adapters.items() if (m := REF_RE.match(ref))}
         adapter = self.adapter or (self.rollout.adapter if self.rollout else None) or \
             (app.rollout.adapter if app.rollout else None)
+        base = REF_RE.match(app.model)
+        if base and base["name"] == model_name:
+            return None, [f"release: app {app.name!r} serves models:/{model_name} as its base model ('model'), but a "
+                          "FineTune registers LoRA adapters, which release only into an adapter of the app; serve "
+                          f"the adapter (adapters: {{NAME: models:/{model_name}@champion}}) or set "
+                          "registry.model_name to another name"]
         if adapter is None:
             mine = [k for k, name in serving.items() if name == model_name]
             if len(mine) != 1:

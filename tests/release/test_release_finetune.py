@@ -66,6 +66,10 @@ def test_release_spec_finds_the_adapter_and_validates(tmp_path):
     data["release"]["serve"]["adapters"] = {"support": "/some/folder"}
     (p,) = problems(data)
     assert "app 'chat' serves none from models:/bot@..." in p and "support -> /some/folder" in p
+    data = finetune(tmp_path)  # the app serves this model as its base: a fine-tune's adapter cannot go there
+    data["release"]["serve"].update(model="models:/bot@champion", adapters={})
+    (p,) = problems(data)
+    assert "serves models:/bot as its base model ('model'), but a FineTune registers LoRA adapters" in p
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,29 @@ def test_steps_are_validated(steps, message):
 def test_errors_name_the_field_and_the_fix():
     (p,) = problems({"adapter": "nope"})
     assert "rollout.adapter: 'nope' is not a key of 'adapters' (support)" in p
-    (p,) = problems({})  # no adapter: the base model, which the canary router cannot route
-    assert p.startswith("rollout.adapter: null would release the base model") and "one of support" in p
+    (p,) = problems({})  # no adapter: the base model, whose 'model' here is a folder, not an alias
+    assert p.startswith("rollout.adapter: null releases the base model, so 'model' must be a registry alias")
+    assert "models:/NAME@champion" in p and "'tiny'" in p
+
+
+def test_a_base_model_rollout_needs_the_model_as_a_registry_alias():
     base = {**BASE, "model": "models:/base@champion", "adapters": {}}
-    with pytest.raises(SpecError) as e:
-        parse_spec({**base, "rollout": {"steps": [25, 100]}})
-    (p,) = [str(x) for x in e.value.problems]
-    assert "needs an engine of its own" in p and "serve the model to release as an adapter" in p
+    spec = parse_spec({**base, "rollout": {"steps": [25, 100]}})
+    assert spec.release_target() == ("chat", "models:/base@champion")
+    assert spec.rollout.candidate_start_timeout_s == 900
+    assert parse_spec({**base, "rollout": {"candidate": "models:/base/3"}}).rollout.candidate == "models:/base/3"
+
+    def base_problems(rollout, **over):
+        with pytest.raises(SpecError) as e:
+            parse_spec({**base, **over, "rollout": rollout})
+        return [str(x) for x in e.value.problems]
+
+    (p,) = base_problems({"candidate": "models:/other/2"})
+    assert "names model 'other' but model is 'base'" in p and "models:/base/VERSION" in p
+    (p,) = base_problems({"candidate": "models:/base@champion"})
+    assert "is the champion itself (model)" in p
+    (p,) = base_problems({}, model="models:/base/4")  # a pinned version: no alias to move
+    assert "'model' must be a registry alias" in p and "'models:/base/4'" in p
     (p,) = problems({"adapter": "support", "controller": "auto"})
     assert p.startswith("rollout.controller:") and "'cluster' or 'manual'" in p
     (p,) = problems({"adapter": "support", "candidate": "models:/other/2"})
