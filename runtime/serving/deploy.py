@@ -129,9 +129,11 @@ def serve_until_interrupted(log, on_exit: Callable[[], None] | None = None) -> f
             signal.signal(sig, handler)
         if on_exit is not None:
             on_exit()
+        import ray
         from ray import serve
 
-        serve.shutdown()
+        if ray.is_initialized():  # never start (or join) a cluster only to shut Serve down
+            serve.shutdown()
     return round(time.perf_counter() - t0, 1)
 
 

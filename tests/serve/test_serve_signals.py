@@ -15,10 +15,14 @@ from tests.conftest import ROOT
 # Ray Serve is imported before "serving" is printed: on a loaded machine its import takes seconds,
 # and a signal sent then would meet the inherited SIG_IGN (a real `raylane run` has imported it long
 # before it waits).
+# The process joins no cluster (serve_until_interrupted then leaves Serve alone): the suite's own
+# local cluster may be up, and its Serve must not be shut down from here.
 SERVER = """
 import sys
 from ray import serve
 from runtime.serving.deploy import serve_until_interrupted
+import ray
+assert not ray.is_initialized()
 print("serving", flush=True)
 serve_until_interrupted(lambda msg: print(msg, flush=True), on_exit=lambda: print("on_exit ran", flush=True))
 print("returned", flush=True)
