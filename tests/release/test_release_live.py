@@ -321,8 +321,8 @@ def test_base_model_candidate_runs_in_its_own_app_and_is_promoted_with_a_handove
         raise AssertionError(f"timed out: {st.reason}")
 
     t0 = time.monotonic()
-    # a lighter load than the adapter tests': two engines start on the machine's cores meanwhile
-    with Load(live["url"], threads=2, model=BASE, pause_s=0.05) as load:
+    # a lighter load than the adapter tests' (a pause between requests): two engines start on these cores meanwhile
+    with Load(live["url"], threads=2, model=BASE, pause_s=0.3) as load:
         time.sleep(1)
         st = release.rollout_start(spec, candidate=f"models:/rel-base/{version}")
         assert st.base and st.engine == "starting" and "api_key" not in json.dumps(st.serve_spec).lower()
