@@ -9,7 +9,10 @@ Serve's health check and is replaced, instead of passing the ping while its requ
 The engine's stat logger records every engine step; while steps arrive the engine is making
 progress and nothing is sent. After ``PROGRESS_WINDOW_S`` without a step (an idle engine, or a
 stuck one) the check sends a one-token generate and waits ``PROBE_TIMEOUT_S``: an idle engine
-answers in milliseconds, a stuck one never. A stall is final: ``on_stall`` runs once (raylane
+answers in milliseconds, a stuck one never. A healthy engine can also be busy for longer than
+that in one step (on CPU, the first guided-decoding request after start compiles for 10 s and
+more), so it takes ``STRIKES`` such probes in a row, with no engine step in between, to call it
+a stall (about 40 s after the engine stopped). A stall is final: ``on_stall`` runs once (raylane
 kills the stuck engine process, so its in-flight requests fail at once with 503 instead of
 hanging until Serve replaces the replica) and every later check fails.
 """
@@ -27,6 +30,8 @@ log = logging.getLogger("ray.serve.raylane.health")  # in the replica's log
 PROGRESS_WINDOW_S = 10.0
 # A one-token generate on an idle engine takes milliseconds; well under Serve's 30 s check timeout.
 PROBE_TIMEOUT_S = 10.0
+# Unanswered probes in a row, with no step in between, that make a stall.
+STRIKES = 2
 
 
 class EngineStalled(RuntimeError):
@@ -36,12 +41,14 @@ class EngineStalled(RuntimeError):
 class StallDetector:
     def __init__(self, probe: Callable[[], Awaitable[object]], last_progress: Callable[[], float],
                  on_stall: Callable[[], object] | None = None, *, window_s: float = PROGRESS_WINDOW_S,
-                 timeout_s: float = PROBE_TIMEOUT_S, clock: Callable[[], float] = time.monotonic):
+                 timeout_s: float = PROBE_TIMEOUT_S, strikes: int = STRIKES,
+                 clock: Callable[[], float] = time.monotonic):
         self.probe, self.last_progress, self.on_stall = probe, last_progress, on_stall
-        self.window_s, self.timeout_s, self.clock = window_s, timeout_s, clock
+        self.window_s, self.timeout_s, self.strikes, self.clock = window_s, timeout_s, strikes, clock
         self.stalled = False
         self.probes = 0
         self._probed_at = clock()
+        self._missed: list[float] = []  # last_progress() at each unanswered probe in a row
 
     async def check(self) -> None:
         if self.stalled:
@@ -53,6 +60,13 @@ class StallDetector:
         try:
             await asyncio.wait_for(self.probe(), self.timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
+            progress = self.last_progress()
+            self._missed = [p for p in self._missed if p == progress] + [progress]  # a step in between: anew
+            if len(self._missed) < self.strikes:
+                log.warning("engine busy: no step for %.0f s and a one-token request got no answer in %.0f s "
+                            "(%d of %d before it counts as stalled)", now - progress, self.timeout_s,
+                            len(self._missed), self.strikes)
+                return
             self.stalled = True
             log.error("engine stalled: no step for %.0f s and a one-token request got no answer in %.0f s; "
                       "failing the health check so Serve replaces this replica", now - self.last_progress(),
@@ -62,5 +76,7 @@ class StallDetector:
                     self.on_stall()
                 except Exception:
                     log.exception("stopping the stalled engine failed")
-            raise EngineStalled(f"no engine progress for {self.timeout_s:.0f} s on a one-token request") from None
+            raise EngineStalled(f"no engine progress on {self.strikes} one-token requests in a row "
+                                f"({self.timeout_s:.0f} s each)") from None
+        self._missed = []
         self._probed_at = self.clock()

@@ -48,14 +48,33 @@ async def test_stuck_engine_fails_every_check_and_is_stopped_once():
     d = detector(engine, lambda: now[0])
     engine.stuck = True
     now[0] += 11
-    with pytest.raises(EngineStalled, match="no engine progress"):
+    await d.check()  # the first unanswered probe: busy, not yet stalled
+    assert not d.stalled and engine.killed == 0
+    now[0] += 10
+    with pytest.raises(EngineStalled, match="no engine progress on 2 one-token requests"):
         await d.check()
     assert d.stalled and engine.killed == 1
     engine.stuck = False
     for _ in range(2):  # final: Serve counts consecutive failures before replacing the replica
         with pytest.raises(EngineStalled):
             await d.check()
-    assert engine.probes == 1 and engine.killed == 1
+    assert engine.probes == 2 and engine.killed == 1
+
+
+@pytest.mark.anyio
+async def test_an_engine_busy_in_one_long_step_is_not_a_stall():
+    """A probe unanswered while the engine is in one long step (a first guided-decoding request
+    compiling on CPU), then a step: the count starts anew, nothing is stopped."""
+    now = [0.0]
+    engine = Engine(lambda: now[0])
+    d = detector(engine, lambda: now[0])
+    engine.stuck = True
+    for _ in range(3):
+        now[0] += 11
+        await d.check()  # unanswered: busy
+        engine.last_step = now[0] + 0.5  # ...then the long step ends
+        now[0] += 1
+    assert engine.probes == 3 and not d.stalled and engine.killed == 0
 
 
 @pytest.mark.anyio
