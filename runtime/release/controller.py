@@ -59,7 +59,7 @@ class RolloutController:
                     if self._finished != state.rollout_id:  # a predecessor may have died before the registry moved
                         finish(state, self.storage_root)
                         self._finished = state.rollout_id
-                    if state.base and state.engine != "deleted":  # the candidate's engine still to wind down
+                    if state.winding_down:
                         self._engine(state)
                         interval = min(interval, 2.0)
                         self._stop.wait(interval)
@@ -152,7 +152,7 @@ def start_controller(name: str, storage_root: str):
     from runtime.release import rollout_status
 
     state = rollout_status(name, storage_root)
-    if state.done and not (state.base and state.engine != "deleted"):
+    if state.done and not state.winding_down:
         raise RaylaneError(f"rollout {name!r} is {state.state}; there is nothing to control")
     if not ray.is_initialized():
         raise RaylaneError("no Ray cluster connected", hint="ray.init(address=...) or runtime.init_ray(address)")

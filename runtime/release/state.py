@@ -88,6 +88,12 @@ class RolloutState:
         return self.serve_spec is not None
 
     @property
+    def winding_down(self) -> bool:
+        """A finished base-model rollout whose candidate engine is not gone yet (its app to delete,
+        or the champion app to hand over to): its controller still has work."""
+        return self.done and self.base and self.engine != "deleted"
+
+    @property
     def candidate_app(self) -> str:
         return f"{self.app}-candidate"
 

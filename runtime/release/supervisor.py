@@ -27,7 +27,7 @@ def needs_controller(state: RolloutState | None) -> bool:
     down yet (its app to delete, or the champion app to hand over to)."""
     if state is None or state.config.get("controller", "cluster") != "cluster":
         return False
-    return not state.done or (state.base and state.engine != "deleted")
+    return not state.done or state.winding_down
 
 
 def ensure_controller(name: str, storage_root: str) -> bool:

@@ -37,7 +37,7 @@ from runtime.models import resolve_model
 from runtime.serving import canary
 from runtime.serving import config as cfg
 from runtime.serving.autoscaling import KV_USAGE, RUNNING, WAITING
-from runtime.serving.guard import GuardMiddleware, HTTPError
+from runtime.serving.guard import GuardMiddleware, HTTPError, replay_body
 from runtime.serving.health import StallDetector
 from runtime.serving.keys import KeySource, key_source_warnings, load_api_keys, replica_key_env
 from runtime.serving.ratelimit import limiter_for
@@ -186,14 +186,11 @@ class RaylaneLLMServer(LLMServer):
         if self._built_app is None:
             raise RuntimeError("this replica's app is not built yet")
         queue: asyncio.Queue = asyncio.Queue()
-        sent = False
 
-        async def receive():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # no disconnect: the caller ends by dropping the stream
+        async def no_disconnect():  # the caller ends by dropping the stream
+            await asyncio.Event().wait()
+
+        receive = replay_body(body, no_disconnect)
 
         async def send(message):
             await queue.put(dict(message))
